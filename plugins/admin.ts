@@ -1,0 +1,26 @@
+import type { FastifyPluginAsync } from 'fastify'
+import type { GatewayServer } from '../src/server.js'
+
+export interface AdminOptions {
+  gateway: GatewayServer
+}
+
+/**
+ * The admin API, on its own listener (127.0.0.1:9901 by default), never on the public one:
+ * liveness, readiness and reload. Other concerns add their endpoints here.
+ */
+const admin: FastifyPluginAsync<AdminOptions> = async function admin (fastify, { gateway }) {
+  fastify.get('/healthz', async () => ({ status: 'ok' }))
+
+  fastify.get('/readyz', async (_request, reply) => {
+    if (gateway.draining) return await reply.code(503).send({ status: 'draining' })
+    return { status: 'ready', version: gateway.version, routes: gateway.routes.length }
+  })
+
+  fastify.post('/reload', async (_request, reply) => {
+    const result = await gateway.reload()
+    return await reply.code(result.ok ? 200 : 422).send(result)
+  })
+}
+
+export default admin

@@ -1,0 +1,60 @@
+import fp from 'fastify-plugin'
+import type { FastifyError, FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
+import * as errors from '../src/errors.js'
+
+export interface Problem {
+  type: string
+  title: string
+  status: number
+  detail: string
+  code: string
+  requestId: string
+}
+
+/** Turns any error into the gateway's own, so no foreign message, address or stack reaches a client. */
+export function toGatewayError (err: FastifyError | Error): { code: string, detail: string, meta: errors.ErrorMeta } {
+  const code = (err as FastifyError).code
+  const own = code !== undefined ? errors.errorMeta(code) : undefined
+  if (own !== undefined) return { code, detail: err.message, meta: own }
+  const status = (err as FastifyError).statusCode ?? 500
+  if (code === 'FST_ERR_CTP_BODY_TOO_LARGE') {
+    return { code: 'GATEHOUSE_PAYLOAD_TOO_LARGE', detail: 'The request body is too large', meta: errors.errorMeta('GATEHOUSE_PAYLOAD_TOO_LARGE') as errors.ErrorMeta }
+  }
+  if (err instanceof URIError || (status === 400 && err.message === 'source/request contain invalid characters')) {
+    return { code: 'GATEHOUSE_BAD_PATH', detail: 'The request path is not acceptable', meta: errors.errorMeta('GATEHOUSE_BAD_PATH') as errors.ErrorMeta }
+  }
+  if (status >= 400 && status < 500) {
+    // Fastify's own 4xx messages describe the client's request (a bad content type, a bad body).
+    return { code: 'GATEHOUSE_BAD_REQUEST', detail: err.message, meta: { ...(errors.errorMeta('GATEHOUSE_BAD_REQUEST') as errors.ErrorMeta), status } }
+  }
+  return { code: 'GATEHOUSE_INTERNAL', detail: 'The gateway failed to handle the request', meta: errors.errorMeta('GATEHOUSE_INTERNAL') as errors.ErrorMeta }
+}
+
+export function sendProblem (request: FastifyRequest, reply: FastifyReply, err: FastifyError | Error): void {
+  const { code, detail, meta } = toGatewayError(err)
+  if (request.upstream !== undefined && request.upstream.error === undefined) request.upstream.error = code
+  reply.code(meta.status)
+  reply.header('content-type', 'application/problem+json; charset=utf-8')
+  if (meta.proxyStatus !== undefined) reply.header('proxy-status', `gatehouse; error=${meta.proxyStatus}`)
+  // A gateway error replaces whatever an upstream had started to say.
+  reply.removeHeader('content-length')
+  reply.removeHeader('content-encoding')
+  const body: Problem = { type: errors.problemType(code), title: meta.title, status: meta.status, detail, code, requestId: request.id }
+  reply.send(JSON.stringify(body))
+}
+
+/** Every error the gateway answers is an RFC 9457 problem document with a stable code. */
+const problem: FastifyPluginAsync = async function problem (fastify) {
+  fastify.setErrorHandler(function gatewayErrorHandler (err, request, reply) {
+    const error = err instanceof Error ? err : new Error(String(err))
+    const { meta } = toGatewayError(error)
+    if (meta.code === 'GATEHOUSE_INTERNAL') request.log.error({ err: error }, 'unhandled error')
+    sendProblem(request, reply, error)
+  })
+  fastify.setNotFoundHandler(function routeNotFound (request, reply) {
+    const path = request.url.split('?')[0]
+    sendProblem(request, reply, new errors.GATEHOUSE_ROUTE_NOT_FOUND(`${request.method} ${path.length > 200 ? path.slice(0, 200) + '...' : path}`))
+  })
+}
+
+export default fp(problem, { name: 'problem', fastify: '5.x' })

@@ -1,0 +1,106 @@
+import type { IncomingMessage } from 'node:http'
+import { LogController } from 'fastify'
+import type { FastifyBaseLogger, FastifyInstance, FastifyPluginAsync, FastifyServerOptions } from 'fastify'
+import type { Logger } from 'pino'
+import type { GatewayConfig, RouteDefinition } from './config.js'
+import { upstreamPlugin } from './upstream.js'
+import { staticPlugin } from './static.js'
+import { compileTrust } from './trust.js'
+import problem from '../plugins/problem.js'
+import requestGuard, { rewriteUrl } from '../plugins/request-guard.js'
+import requestId, { genReqId } from '../plugins/request-id.js'
+import accessLog from '../plugins/access-log.js'
+
+export interface GatewayOptions {
+  config: GatewayConfig
+  routes: readonly RouteDefinition[]
+}
+
+/** Host names are matched without port and case-insensitively; `*.example.com` matches one label. */
+export const hostnameConstraint = {
+  name: 'hostname',
+  storage () {
+    const hosts = new Map<string, unknown>()
+    return {
+      get: (host: string) => {
+        const exact = hosts.get(host)
+        if (exact !== undefined) return exact
+        const dot = host.indexOf('.')
+        return dot === -1 ? null : hosts.get('*' + host.slice(dot)) ?? null
+      },
+      set: (host: string, store: unknown) => { hosts.set(host, store) }
+    }
+  },
+  deriveConstraint (req: IncomingMessage): string {
+    const host = req.headers.host ?? (req.headers[':authority'] as string | undefined) ?? ''
+    let end = host.length
+    if (host.charCodeAt(0) === 0x5b) end = host.indexOf(']') + 1
+    else {
+      const colon = host.lastIndexOf(':')
+      if (colon !== -1) end = colon
+    }
+    return host.slice(0, end).toLowerCase()
+  },
+  mustMatchWhenDerived: false,
+  validate () {}
+}
+
+/** The Fastify options of one gateway instance; server.ts adds the serverFactory. */
+export function fastifyOptions (config: GatewayConfig, logger: Logger): FastifyServerOptions & { loggerInstance: FastifyBaseLogger } {
+  return {
+    loggerInstance: logger as FastifyBaseLogger,
+    // One access-log line per request (plugins/access-log.ts) replaces Fastify's two.
+    logController: new LogController({ disableRequestLogging: true }),
+    trustProxy: compileTrust(config.trustProxy),
+    genReqId,
+    rewriteUrl,
+    bodyLimit: config.limits.bodyLimit,
+    return503OnClosing: false,
+    routerOptions: {
+      ignoreTrailingSlash: false,
+      ignoreDuplicateSlashes: false,
+      caseSensitive: true,
+      constraints: { hostname: hostnameConstraint }
+    }
+  } as FastifyServerOptions & { loggerInstance: FastifyBaseLogger }
+}
+
+/**
+ * The whole gateway as one plugin: the cross-cutting concerns first (each an fp plugin whose
+ * hooks reach every route), then one encapsulated plugin per route file.
+ */
+const gateway: FastifyPluginAsync<GatewayOptions> = async function gateway (fastify: FastifyInstance, opts) {
+  const { config, routes } = opts
+  const trusted = compileTrust(config.trustProxy)
+  await fastify.register(problem)
+  await fastify.register(requestGuard)
+  await fastify.register(requestId)
+  await fastify.register(accessLog, { enabled: config.logging.accessLog })
+
+  for (const route of routes) {
+    if (route.static !== undefined) await fastify.register(staticPlugin(route))
+    else await fastify.register(upstreamPlugin(route, { gateway: config, trusted }))
+  }
+}
+
+export default gateway
+
+export interface BuildOptions {
+  /** Receives Fastify's request handler; returns the server object Fastify keeps (never listened). */
+  serverFactory?: (handler: (req: IncomingMessage, res: import('node:http').ServerResponse) => void) => import('node:http').Server
+  /** Called for every route as it is added, before the gateway's routes (used by `explain`). */
+  onRoute?: (options: import('fastify').RouteOptions) => void
+}
+
+/** Builds one ready gateway instance for a config and a route set. */
+export async function buildGateway (config: GatewayConfig, routes: readonly RouteDefinition[], logger: Logger, build: BuildOptions = {}): Promise<FastifyInstance> {
+  const { default: Fastify } = await import('fastify')
+  const app = Fastify({
+    ...fastifyOptions(config, logger),
+    ...(build.serverFactory !== undefined ? { serverFactory: build.serverFactory } : {})
+  } as Parameters<typeof Fastify>[0]) as unknown as FastifyInstance
+  if (build.onRoute !== undefined) app.addHook('onRoute', build.onRoute)
+  await app.register(gateway, { config, routes })
+  await app.ready()
+  return app
+}

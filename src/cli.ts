@@ -1,0 +1,189 @@
+#!/usr/bin/env node
+import { parseArgs } from 'node:util'
+import { existsSync } from 'node:fs'
+import pino from 'pino'
+import closeWithGrace from 'close-with-grace'
+import type { RouteOptions } from 'fastify'
+import { ConfigError, loadGatewayConfig, loadRoutes, normalizePrefix, type CliOverrides, type RouteDefinition } from './config.js'
+import { GatewayServer } from './server.js'
+import { buildGateway } from './app.js'
+import { normalizeUrl, upstreamPath, BadPathError } from './path.js'
+import { formatDuration } from './units.js'
+
+const USAGE = `Usage:
+  gatehouse start   [--config gatehouse.yaml] [--routes DIR] [--port N] [--host H] [--workers N]
+  gatehouse check   [--config gatehouse.yaml] [--routes DIR]
+  gatehouse explain [--config gatehouse.yaml] [--routes DIR] METHOD URL [-H 'Name: value']...
+`
+
+interface Args {
+  command: string
+  configFile?: string
+  overrides: CliOverrides
+  workers?: string
+  positionals: string[]
+  headers: string[]
+}
+
+function parse (argv: string[]): Args {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      config: { type: 'string', short: 'c' },
+      routes: { type: 'string', short: 'r' },
+      port: { type: 'string', short: 'p' },
+      host: { type: 'string' },
+      workers: { type: 'string', short: 'w' },
+      header: { type: 'string', short: 'H', multiple: true },
+      help: { type: 'boolean', short: 'h' }
+    }
+  })
+  if (values.help === true || positionals.length === 0) {
+    process.stdout.write(USAGE)
+    process.exit(values.help === true ? 0 : 1)
+  }
+  let configFile = values.config
+  if (configFile === undefined && existsSync('gatehouse.yaml')) configFile = 'gatehouse.yaml'
+  const overrides: CliOverrides = {}
+  if (values.routes !== undefined) overrides.routes = values.routes
+  if (values.host !== undefined) overrides.host = values.host
+  if (values.port !== undefined) {
+    const port = Number(values.port)
+    if (!Number.isInteger(port) || port < 0 || port > 65535) fail(`--port: ${values.port} is not a port number (use 0-65535)`)
+    overrides.port = port
+  }
+  return { command: positionals[0], configFile, overrides, workers: values.workers, positionals: positionals.slice(1), headers: values.header ?? [] }
+}
+
+function fail (message: string): never {
+  process.stderr.write(message + '\n')
+  process.exit(1)
+}
+
+function concerns (route: RouteDefinition): string[] {
+  const on: string[] = []
+  if (route.auth !== undefined && route.auth !== 'none') {
+    if (route.auth.jwt !== undefined && route.auth.jwt !== false) on.push('jwt')
+    if (route.auth.apiKey === true) on.push('api-key')
+  }
+  if (route.rateLimit !== undefined && route.rateLimit !== false) on.push(`rate-limit ${route.rateLimit.max}/${formatDuration(route.rateLimit.window)} by ${route.rateLimit.key ?? 'ip'}`)
+  if (route.cache?.enabled === true) on.push('cache')
+  if (route.compress) on.push('compress')
+  if (route.websocket) on.push('websocket')
+  if (route.ipFilter !== undefined) on.push('ip-filter')
+  if (route.cors !== undefined && route.cors !== false) on.push('cors')
+  if (route.plugin !== undefined) on.push('plugin')
+  return on
+}
+
+function matchText (route: RouteDefinition): string {
+  const parts = [normalizePrefix(route.match.prefix)]
+  if (route.match.hosts !== undefined) parts.push(`hosts=${route.match.hosts.join(',')}`)
+  if (route.match.methods !== undefined) parts.push(`methods=${route.match.methods.join(',')}`)
+  return parts.join(' ')
+}
+
+function targetsText (route: RouteDefinition): string {
+  if (route.static !== undefined) return `static ${route.static.root}`
+  const up = route.upstream
+  if (up === undefined) return ''
+  const targets = up.targets.map((t) => t.weight !== 1 ? `${t.url} (weight ${t.weight})` : t.url).join(', ')
+  return up.targets.length > 1 ? `${targets} [${up.balancer}]` : targets
+}
+
+function table (rows: string[][]): string {
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)))
+  return rows.map((r) => r.map((c, i) => i === r.length - 1 ? c : c.padEnd(widths[i])).join('  ')).join('\n') + '\n'
+}
+
+async function load (args: Args): Promise<{ config: ReturnType<typeof loadGatewayConfig>, routes: RouteDefinition[] }> {
+  const config = loadGatewayConfig(args.configFile, args.overrides)
+  const routes = await loadRoutes(config.routesDir)
+  return { config, routes }
+}
+
+async function check (args: Args): Promise<void> {
+  const { config, routes } = await load(args)
+  process.stdout.write(`config: ${config.file ?? '(embedded defaults)'}\nroutes: ${config.routesDir}\n\n`)
+  const rows = [['NAME', 'MATCH', 'TARGETS', 'CONCERNS']]
+  for (const r of [...routes].sort((a, b) => a.match.prefix.localeCompare(b.match.prefix))) {
+    rows.push([r.name, matchText(r), targetsText(r), concerns(r).join(', ') || '-'])
+  }
+  process.stdout.write(table(rows))
+  process.stdout.write(`\n${routes.length} route${routes.length === 1 ? '' : 's'} OK\n`)
+}
+
+async function explain (args: Args): Promise<void> {
+  const [method, rawUrl] = args.positionals
+  if (method === undefined || rawUrl === undefined) fail('explain needs METHOD and URL, e.g. gatehouse explain GET http://api.example.com/orders/1')
+  const { config, routes } = await load(args)
+  const url = new URL(rawUrl, 'http://localhost')
+  const headers: Record<string, string> = { host: url.host }
+  for (const h of args.headers) {
+    const i = h.indexOf(':')
+    if (i < 1) fail(`-H ${h}: expected 'Name: value'`)
+    headers[h.slice(0, i).trim().toLowerCase()] = h.slice(i + 1).trim()
+  }
+  let path: string
+  try {
+    path = normalizeUrl(url.pathname + url.search)
+  } catch (err) {
+    if (err instanceof BadPathError) fail(`${method} ${rawUrl}: refused with 400 (${err.message})`)
+    throw err
+  }
+  const byHandler = new Map<unknown, RouteOptions>()
+  const app = await buildGateway(config.config, routes, pino({ level: 'silent' }), {
+    onRoute: (options) => { byHandler.set(options.handler, options) }
+  })
+  const host = headers.host.replace(/:\d+$/, '').toLowerCase()
+  const found = app.findRoute({ method: method.toUpperCase(), url: path.split('?')[0], constraints: { hostname: host } } as Parameters<typeof app.findRoute>[0])
+  const route = found !== null ? byHandler.get(found.handler)?.config?.gatehouse : undefined
+  await app.close()
+  if (route === undefined) {
+    process.stdout.write(`${method.toUpperCase()} ${path} (host ${host}): no route, the gateway answers 404 GATEHOUSE_ROUTE_NOT_FOUND\n`)
+    process.exitCode = 2
+    return
+  }
+  const lines = [
+    `route:     ${route.name} (${route.file})`,
+    `match:     ${matchText(route)}`
+  ]
+  if (route.upstream !== undefined) {
+    const upPath = upstreamPath(path, normalizePrefix(route.match.prefix), route.rewrite?.prefix ?? '/')
+    const q = path.indexOf('?')
+    lines.push(`upstream:  ${method.toUpperCase()} ${upPath}${q === -1 ? '' : path.slice(q)}${route.preserveHost ? ` (Host: ${headers.host})` : ''}`)
+    lines.push(`targets:   ${targetsText(route)}`)
+    lines.push(`timeouts:  connect ${formatDuration(route.upstream.timeouts.connect)}, response ${formatDuration(route.upstream.timeouts.response)}; retries ${route.upstream.retries.attempts}`)
+  } else {
+    lines.push(`serves:    ${targetsText(route)}`)
+  }
+  lines.push(`concerns:  ${concerns(route).join(', ') || '-'}`)
+  process.stdout.write(lines.join('\n') + '\n')
+}
+
+async function start (args: Args): Promise<void> {
+  const gateway = new GatewayServer({ configFile: args.configFile, overrides: args.overrides })
+  await gateway.start()
+  process.on('SIGHUP', () => { void gateway.reload() })
+  closeWithGrace({ delay: gateway.config.limits.shutdownTimeout + 5000 }, async ({ signal, err }) => {
+    if (err !== undefined) gateway.logger.error({ err }, 'fatal error, shutting down')
+    else gateway.logger.info({ signal }, 'shutting down: draining in-flight requests')
+    await gateway.close()
+  })
+}
+
+async function main (): Promise<void> {
+  const args = parse(process.argv.slice(2))
+  try {
+    if (args.command === 'start') await start(args)
+    else if (args.command === 'check') await check(args)
+    else if (args.command === 'explain') await explain(args)
+    else fail(`unknown command ${args.command}\n${USAGE}`)
+  } catch (err) {
+    if (err instanceof ConfigError) fail(err.message)
+    throw err
+  }
+}
+
+void main()

@@ -1,0 +1,6 @@
+export { defineRoute, loadGatewayConfig, loadRoutes, ConfigError } from './config.js'
+export type { GatewayConfig, RouteDefinition, RouteSpec, RouteInput } from './config.js'
+export { GatewayServer } from './server.js'
+export type { GatewayServerOptions, ReloadResult } from './server.js'
+export { default as gateway, buildGateway } from './app.js'
+export * as errors from './errors.js'

@@ -1,0 +1,222 @@
+import http from 'node:http'
+import type { Server, IncomingMessage, ServerResponse } from 'node:http'
+import type { AddressInfo, Socket } from 'node:net'
+import { once } from 'node:events'
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify'
+import pino, { type Logger } from 'pino'
+import { loadGatewayConfig, loadRoutes, ConfigError, type CliOverrides, type GatewayConfig, type RouteDefinition } from './config.js'
+import { buildGateway } from './app.js'
+import admin from '../plugins/admin.js'
+import { GATEHOUSE_HEADERS_TOO_LARGE, GATEHOUSE_BAD_REQUEST, errorMeta, problemType } from './errors.js'
+
+type Handler = (req: IncomingMessage, res: ServerResponse) => void
+
+/**
+ * One version of the route table: a Fastify instance built from one set of route files. Fastify
+ * cannot add routes after ready(), so a reload builds a new version, swaps it in behind the one
+ * long-lived server, and closes the old one once its in-flight requests are done. Connections
+ * belong to the server, so none is dropped by a swap.
+ */
+class Version {
+  readonly app: FastifyInstance
+  readonly routes: readonly RouteDefinition[]
+  readonly id: number
+  handler!: Handler
+  inflight = 0
+  private idle: (() => void) | undefined
+  readonly release = (): void => {
+    if (--this.inflight === 0 && this.idle !== undefined) this.idle()
+  }
+
+  constructor (id: number, app: FastifyInstance, routes: readonly RouteDefinition[]) {
+    this.id = id
+    this.app = app
+    this.routes = routes
+  }
+
+  /** Resolves when no request is in flight, or after `timeout` ms. */
+  async drained (timeout: number): Promise<boolean> {
+    if (this.inflight === 0) return true
+    let timer: NodeJS.Timeout | undefined
+    const done = await Promise.race([
+      new Promise<boolean>((resolve) => { this.idle = () => resolve(true) }),
+      new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(false), timeout) })
+    ])
+    clearTimeout(timer)
+    this.idle = undefined
+    return done
+  }
+}
+
+export interface GatewayServerOptions {
+  /** gatehouse.yaml; undefined runs on the embedded defaults. */
+  configFile?: string
+  overrides?: CliOverrides
+  /** A logger to use instead of the one built from the config (tests pass a silent one). */
+  logger?: Logger
+  env?: NodeJS.ProcessEnv
+}
+
+export interface ReloadResult {
+  ok: boolean
+  version: number
+  routes: number
+  error?: string
+}
+
+function problemBody (code: string, detail: string): string {
+  const meta = errorMeta(code)
+  return JSON.stringify({ type: problemType(code), title: meta?.title, status: meta?.status, detail, code, requestId: null })
+}
+
+/**
+ * The process-level gateway: the listeners, the current route-table version, reload and drain.
+ */
+export class GatewayServer {
+  readonly options: GatewayServerOptions
+  config!: GatewayConfig
+  routesDir!: string
+  logger!: Logger
+  server!: Server
+  adminApp: FastifyInstance | undefined
+  private current!: Version
+  private versions = 0
+  private closing = false
+  private reloading: Promise<ReloadResult> | undefined
+
+  constructor (options: GatewayServerOptions = {}) {
+    this.options = options
+  }
+
+  get version (): number { return this.current.id }
+  get routes (): readonly RouteDefinition[] { return this.current.routes }
+  get draining (): boolean { return this.closing }
+  get app (): FastifyInstance { return this.current.app }
+
+  /** Loads and validates everything, builds the first version and listens. Throws ConfigError. */
+  async start (): Promise<void> {
+    const { config, routesDir } = loadGatewayConfig(this.options.configFile, this.options.overrides, this.options.env)
+    this.config = config
+    this.routesDir = routesDir
+    this.logger = this.options.logger ?? pino({
+      level: config.logging.level,
+      redact: { paths: ['req.headers.authorization', 'req.headers.cookie', 'req.headers["x-api-key"]', 'res.headers["set-cookie"]'], censor: '[redacted]' }
+    })
+    const routes = await loadRoutes(routesDir, this.options.env)
+    this.current = await this.build(routes)
+    this.server = this.createServer()
+    this.server.listen(config.listen.port, config.listen.host)
+    await once(this.server, 'listening')
+    if (config.admin !== false) {
+      const adminApp = Fastify({ loggerInstance: this.logger as FastifyBaseLogger, logController: new LogController({ disableRequestLogging: true }) }) as unknown as FastifyInstance
+      this.adminApp = adminApp
+      await adminApp.register(admin, { gateway: this })
+      await adminApp.listen({ port: config.admin.port, host: config.admin.host })
+    }
+    this.logger.info({ address: this.address(), version: this.current.id, routes: routes.length }, 'gatehouse listening')
+  }
+
+  address (): AddressInfo {
+    return this.server.address() as AddressInfo
+  }
+
+  adminAddress (): AddressInfo | undefined {
+    return this.adminApp?.server.address() as AddressInfo | undefined
+  }
+
+  private async build (routes: readonly RouteDefinition[]): Promise<Version> {
+    let handler: Handler | undefined
+    const app = await buildGateway(this.config, routes, this.logger, {
+      // The instance never listens: requests reach it through the long-lived server below.
+      serverFactory: (h) => {
+        handler = h
+        return http.createServer()
+      }
+    })
+    const version = new Version(++this.versions, app, routes)
+    version.handler = handler as Handler
+    return version
+  }
+
+  private createServer (): Server {
+    const limits = this.config.limits
+    const server = http.createServer({
+      maxHeaderSize: limits.maxHeaderBytes,
+      headersTimeout: limits.headersTimeout,
+      requestTimeout: limits.requestTimeout,
+      keepAliveTimeout: limits.keepAliveTimeout,
+      // Duplicate headers are joined rather than dropped, so that two Host headers can be seen.
+      joinDuplicateHeaders: true,
+      requireHostHeader: false
+    }, (req, res) => {
+      const v = this.current
+      v.inflight++
+      res.once('close', v.release)
+      if (this.closing) res.shouldKeepAlive = false
+      v.handler(req, res)
+    })
+    // Node's parser answers malformed requests itself: give them a problem document too.
+    server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => {
+      if (!socket.writable || err.code === 'ECONNRESET') {
+        socket.destroy()
+        return
+      }
+      const tooLarge = err.code === 'HPE_HEADER_OVERFLOW'
+      const status = tooLarge ? 431 : (err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400)
+      const body = tooLarge
+        ? problemBody('GATEHOUSE_HEADERS_TOO_LARGE', new GATEHOUSE_HEADERS_TOO_LARGE().message)
+        : problemBody('GATEHOUSE_BAD_REQUEST', new GATEHOUSE_BAD_REQUEST(status === 408 ? 'The request was not received in time' : 'The request is malformed').message)
+      socket.end(`HTTP/1.1 ${status} ${http.STATUS_CODES[status]}\r\nContent-Type: application/problem+json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`)
+    })
+    return server
+  }
+
+  /**
+   * Re-reads the route files and swaps the route table. An invalid file keeps the old table.
+   * Concurrent calls share one reload.
+   */
+  async reload (): Promise<ReloadResult> {
+    if (this.reloading !== undefined) return await this.reloading
+    this.reloading = this.doReload().finally(() => { this.reloading = undefined })
+    return await this.reloading
+  }
+
+  private async doReload (): Promise<ReloadResult> {
+    let next: Version
+    try {
+      const routes = await loadRoutes(this.routesDir, this.options.env)
+      next = await this.build(routes)
+    } catch (err) {
+      const error = err instanceof ConfigError ? err.message : String((err as Error).message)
+      this.logger.error({ error }, 'reload failed, keeping the current routes')
+      return { ok: false, version: this.current.id, routes: this.current.routes.length, error }
+    }
+    const old = this.current
+    this.current = next
+    this.logger.info({ version: next.id, routes: next.routes.length }, 'routes reloaded')
+    void this.retire(old)
+    return { ok: true, version: next.id, routes: next.routes.length }
+  }
+
+  private async retire (old: Version): Promise<void> {
+    const drained = await old.drained(this.config.limits.shutdownTimeout)
+    if (!drained) this.logger.warn({ version: old.id, inflight: old.inflight }, 'old routes closed with requests in flight')
+    await old.app.close()
+  }
+
+  /** Stops accepting, lets in-flight requests finish (bounded by limits.shutdownTimeout), closes. */
+  async close (): Promise<void> {
+    if (this.closing) return
+    this.closing = true
+    const serverClosed = new Promise<void>((resolve) => this.server.close(() => resolve()))
+    this.server.closeIdleConnections()
+    const drained = await this.current.drained(this.config.limits.shutdownTimeout)
+    if (!drained) this.logger.warn({ inflight: this.current.inflight }, 'shutdown timeout: closing connections with requests in flight')
+    this.server.closeAllConnections()
+    await serverClosed
+    await this.current.app.close()
+    await this.adminApp?.close()
+    this.logger.info('gatehouse stopped')
+    this.logger.flush?.()
+  }
+}
