@@ -6,6 +6,9 @@ import type { GatewayConfig, RouteDefinition } from './config.js'
 import { upstreamPlugin } from './upstream.js'
 import { staticPlugin } from './static.js'
 import { compileTrust } from './trust.js'
+import { ProcessState } from './state.js'
+import type { Balancer } from './balancer/index.js'
+import fp from 'fastify-plugin'
 import problem from '../plugins/problem.js'
 import requestGuard, { rewriteUrl } from '../plugins/request-guard.js'
 import requestId, { genReqId } from '../plugins/request-id.js'
@@ -14,6 +17,23 @@ import accessLog from '../plugins/access-log.js'
 export interface GatewayOptions {
   config: GatewayConfig
   routes: readonly RouteDefinition[]
+  /** Process-wide state shared by every version; a fresh one when omitted (tests, explain). */
+  state?: ProcessState
+}
+
+/** What the gateway plugin decorates the instance with, for the concern plugins and the admin API. */
+export interface Gatehouse {
+  config: GatewayConfig
+  routes: readonly RouteDefinition[]
+  state: ProcessState
+  /** The balancer of each upstream route, by route name. */
+  upstreams: Map<string, Balancer>
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    gatehouse: Gatehouse
+  }
 }
 
 /** Host names are matched without port and case-insensitively; `*.example.com` matches one label. */
@@ -71,6 +91,9 @@ export function fastifyOptions (config: GatewayConfig, logger: Logger): FastifyS
  */
 const gateway: FastifyPluginAsync<GatewayOptions> = async function gateway (fastify: FastifyInstance, opts) {
   const { config, routes } = opts
+  const state = opts.state ?? new ProcessState()
+  if (opts.state === undefined) fastify.addHook('onClose', async () => { await state.close() })
+  fastify.decorate('gatehouse', { config, routes, state, upstreams: new Map() })
   const trusted = compileTrust(config.trustProxy)
   await fastify.register(problem)
   await fastify.register(requestGuard)
@@ -83,7 +106,8 @@ const gateway: FastifyPluginAsync<GatewayOptions> = async function gateway (fast
   }
 }
 
-export default gateway
+const exported = fp(gateway, { name: 'gatehouse', fastify: '5.x' })
+export default exported
 
 export interface BuildOptions {
   /** Receives Fastify's request handler; returns the server object Fastify keeps (never listened). */
@@ -93,14 +117,14 @@ export interface BuildOptions {
 }
 
 /** Builds one ready gateway instance for a config and a route set. */
-export async function buildGateway (config: GatewayConfig, routes: readonly RouteDefinition[], logger: Logger, build: BuildOptions = {}): Promise<FastifyInstance> {
+export async function buildGateway (config: GatewayConfig, routes: readonly RouteDefinition[], logger: Logger, build: BuildOptions = {}, state?: ProcessState): Promise<FastifyInstance> {
   const { default: Fastify } = await import('fastify')
   const app = Fastify({
     ...fastifyOptions(config, logger),
     ...(build.serverFactory !== undefined ? { serverFactory: build.serverFactory } : {})
   } as Parameters<typeof Fastify>[0]) as unknown as FastifyInstance
   if (build.onRoute !== undefined) app.addHook('onRoute', build.onRoute)
-  await app.register(gateway, { config, routes })
+  await app.register(exported, { config, routes, state })
   await app.ready()
   return app
 }

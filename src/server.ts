@@ -6,6 +6,7 @@ import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } 
 import pino, { type Logger } from 'pino'
 import { loadGatewayConfig, loadRoutes, ConfigError, type CliOverrides, type GatewayConfig, type RouteDefinition } from './config.js'
 import { buildGateway } from './app.js'
+import { ProcessState } from './state.js'
 import admin from '../plugins/admin.js'
 import { GATEHOUSE_HEADERS_TOO_LARGE, GATEHOUSE_BAD_REQUEST, errorMeta, problemType } from './errors.js'
 
@@ -79,6 +80,8 @@ export class GatewayServer {
   logger!: Logger
   server!: Server
   adminApp: FastifyInstance | undefined
+  /** Stores, clients and registries that outlive a route-table version. */
+  readonly state = new ProcessState()
   private current!: Version
   private versions = 0
   private closing = false
@@ -132,7 +135,7 @@ export class GatewayServer {
         handler = h
         return http.createServer()
       }
-    })
+    }, this.state)
     const version = new Version(++this.versions, app, routes)
     version.handler = handler as Handler
     return version
@@ -216,6 +219,7 @@ export class GatewayServer {
     await serverClosed
     await this.current.app.close()
     await this.adminApp?.close()
+    await this.state.close()
     this.logger.info('gatehouse stopped')
     this.logger.flush?.()
   }

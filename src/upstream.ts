@@ -225,6 +225,7 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
       else done(null, (payload as Readable).pipe(new BodyLimit(bodyLimit)))
     })
     fastify.addHook('onClose', async () => { await agent.close() })
+    fastify.gatehouse.upstreams.set(route.name, balancer)
 
     if (route.plugin !== undefined) await fastify.register(route.plugin)
 
