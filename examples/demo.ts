@@ -7,6 +7,8 @@ async function main (): Promise<void> {
   const root = join(__dirname, '..', '..')
   const users = await startService('users', usersHandler, Number(process.env.USERS_PORT ?? 3001))
   const orders = await startService('orders', ordersHandler, Number(process.env.ORDERS_PORT ?? 3002))
+  process.env.USERS_URL ??= `http://127.0.0.1:${users.port}`
+  process.env.ORDERS_URL ??= `http://127.0.0.1:${orders.port}`
   const gateway = new GatewayServer({ configFile: join(root, 'gatehouse.yaml') })
   await gateway.start()
   const { port } = gateway.address()

@@ -5,7 +5,7 @@ export default defineRoute({
   match: { prefix: '/orders', methods: ['GET', 'POST'] },
   rewrite: { prefix: '/orders' },
   upstream: {
-    targets: [{ url: `http://127.0.0.1:${process.env.ORDERS_PORT ?? 3002}` }],
+    targets: [{ url: process.env.ORDERS_URL ?? 'http://127.0.0.1:3002' }],
     timeouts: { connect: '2s', response: '10s' }
   },
   headers: { response: { set: { 'x-service': 'orders' } } },

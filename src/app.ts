@@ -1,4 +1,4 @@
-import type { IncomingMessage } from 'node:http'
+import { METHODS, type IncomingMessage } from 'node:http'
 import { LogController } from 'fastify'
 import type { FastifyBaseLogger, FastifyInstance, FastifyPluginAsync, FastifyServerOptions } from 'fastify'
 import type { Logger } from 'pino'
@@ -95,6 +95,11 @@ const gateway: FastifyPluginAsync<GatewayOptions> = async function gateway (fast
   if (opts.state === undefined) fastify.addHook('onClose', async () => { await state.close() })
   fastify.decorate('gatehouse', { config, routes, state, upstreams: new Map() })
   const trusted = compileTrust(config.trustProxy)
+  // A proxy forwards any method Node's parser accepts (PURGE, PROPFIND, REPORT ...), not only
+  // Fastify's nine; CONNECT is a tunnel, not a request to forward.
+  for (const method of METHODS) {
+    if (method !== 'CONNECT' && !fastify.supportedMethods.includes(method)) fastify.addHttpMethod(method, { hasBody: true })
+  }
   await fastify.register(problem)
   await fastify.register(requestGuard)
   await fastify.register(requestId)
