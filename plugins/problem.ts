@@ -2,6 +2,13 @@ import fp from 'fastify-plugin'
 import type { FastifyError, FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import * as errors from '../src/errors.js'
 
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** The code of the problem document the gateway answered with, for the access log. */
+    problemCode?: string
+  }
+}
+
 export interface Problem {
   type: string
   title: string
@@ -20,7 +27,7 @@ export function toGatewayError (err: FastifyError | Error): { code: string, deta
   if (code === 'FST_ERR_CTP_BODY_TOO_LARGE') {
     return { code: 'GATEHOUSE_PAYLOAD_TOO_LARGE', detail: 'The request body is too large', meta: errors.errorMeta('GATEHOUSE_PAYLOAD_TOO_LARGE') as errors.ErrorMeta }
   }
-  if (err instanceof URIError || (status === 400 && err.message === 'source/request contain invalid characters')) {
+  if (err instanceof URIError || code === 'FST_ERR_BAD_URL' || (status === 400 && err.message === 'source/request contain invalid characters')) {
     return { code: 'GATEHOUSE_BAD_PATH', detail: 'The request path is not acceptable', meta: errors.errorMeta('GATEHOUSE_BAD_PATH') as errors.ErrorMeta }
   }
   if (status >= 400 && status < 500) {
@@ -33,6 +40,7 @@ export function toGatewayError (err: FastifyError | Error): { code: string, deta
 export function sendProblem (request: FastifyRequest, reply: FastifyReply, err: FastifyError | Error): void {
   const { code, detail, meta } = toGatewayError(err)
   if (request.upstream !== undefined && request.upstream.error === undefined) request.upstream.error = code
+  request.problemCode = code
   reply.code(meta.status)
   reply.header('content-type', 'application/problem+json; charset=utf-8')
   if (meta.proxyStatus !== undefined) reply.header('proxy-status', `gatehouse; error=${meta.proxyStatus}`)
@@ -41,6 +49,15 @@ export function sendProblem (request: FastifyRequest, reply: FastifyReply, err: 
   reply.removeHeader('content-encoding')
   const body: Problem = { type: errors.problemType(code), title: meta.title, status: meta.status, detail, code, requestId: request.id }
   reply.send(JSON.stringify(body))
+}
+
+/**
+ * Fastify's `frameworkErrors`: errors the router raises before any hook runs (a path that does not
+ * decode, such as `/%FF`), which would otherwise get Fastify's own JSON body.
+ */
+export function frameworkErrors (err: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
+  reply.header('x-request-id', request.id)
+  sendProblem(request, reply, err)
 }
 
 /** Every error the gateway answers is an RFC 9457 problem document with a stable code. */

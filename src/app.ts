@@ -9,7 +9,7 @@ import { compileTrust } from './trust.js'
 import { ProcessState } from './state.js'
 import type { Balancer } from './balancer/index.js'
 import fp from 'fastify-plugin'
-import problem from '../plugins/problem.js'
+import problem, { frameworkErrors } from '../plugins/problem.js'
 import requestGuard, { rewriteUrl } from '../plugins/request-guard.js'
 import requestId, { genReqId } from '../plugins/request-id.js'
 import accessLog from '../plugins/access-log.js'
@@ -74,6 +74,7 @@ export function fastifyOptions (config: GatewayConfig, logger: Logger): FastifyS
     trustProxy: compileTrust(config.trustProxy),
     genReqId,
     rewriteUrl,
+    frameworkErrors,
     bodyLimit: config.limits.bodyLimit,
     return503OnClosing: false,
     routerOptions: {

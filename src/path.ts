@@ -5,7 +5,9 @@
  * - `.` and `..` segments are resolved, encoded dots included (`/a/%2e%2e/b` is `/b`);
  * - empty segments are merged (`//secure` is `/secure`);
  * - an encoded slash or backslash, a raw backslash, a NUL, a bad escape: the request is refused,
- *   since upstreams disagree on what they mean.
+ *   since upstreams disagree on what they mean;
+ * - a `#` is refused anywhere in the target: a fragment is never sent (RFC 9112 §3.2), and Node's
+ *   parser lets it through, so the router and an upstream would each cut the URL elsewhere.
  * Every other byte, and the query string, is forwarded as the client sent it.
  */
 
@@ -60,6 +62,7 @@ export function normalizeUrl (url: string): string {
     if (url === '*') return url
     throw new BadPathError('the request target must start with /')
   }
+  if (url.includes('#')) throw new BadPathError('a fragment (#) is not part of a request target')
   const q = url.indexOf('?')
   const path = q === -1 ? url : url.slice(0, q)
   if (isPlain(path)) return url

@@ -22,6 +22,8 @@ export interface UpstreamState {
   /** ms since the upstream request was sent, until its response headers came. */
   upstreamMs?: number
   attempts: number
+  /** The exact request target sent upstream (path and query), bypassing reply-from's URL parsing. */
+  path?: string
   /** The reason of a gateway-made error, for the access log. */
   error?: string
   /** The client's response, whose early close aborts the upstream request. */
@@ -159,6 +161,7 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
       const started = performance.now()
       target.inflight++
       opts.signal = new ClientGone(state.res) as unknown as AbortSignal
+      if (state.path !== undefined) opts.path = state.path
       agent.request(opts, (err, res) => {
         target.inflight--
         state.upstreamMs = performance.now() - started
@@ -239,7 +242,11 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
         reply.send(new errors.GATEHOUSE_NO_HEALTHY_UPSTREAM())
         return
       }
-      reply.from(upstreamPath(request.url, prefix, rewrite), fromOptions)
+      // reply-from re-encodes the path with WHATWG URL rules ({ } " ` < > become escapes) and
+      // refuses segments such as `...`: the dispatcher sends this exact, already normalized target.
+      const q = request.url.indexOf('?')
+      state.path = upstreamPath(request.url, prefix, rewrite) + (q === -1 ? '' : request.url.slice(q))
+      reply.from('/', fromOptions)
     }
 
     const onRequest = function checkLength (request: FastifyRequest, _reply: FastifyReply, done: (err?: Error) => void): void {
