@@ -1,35 +1,149 @@
+import { Transform, type TransformCallback } from 'node:stream'
+import type { ServerResponse } from 'node:http'
 import fp from 'fastify-plugin'
-import type { FastifyPluginAsync } from 'fastify'
+import type { FastifyPluginAsync, FastifyReply } from 'fastify'
 
 export interface AccessLogOptions {
   enabled: boolean
+  /** The API-key header name (apiKeys.header): a query parameter of that name is redacted too. */
+  apiKeyHeader?: string
+}
+
+export const REDACTED = '[redacted]'
+/** Longer paths are cut: a log line must stay a line, whatever a client sends. */
+export const MAX_PATH = 2048
+
+/** Query parameter names whose values look like credentials. */
+const SECRET_NAME = /pass|pwd|secret|token|key|sig|auth|session|cred|jwt|bearer|cookie|otp|^code$|^state$|^ticket$/i
+
+function decodeName (name: string): string {
+  try {
+    return decodeURIComponent(name.replace(/\+/g, ' '))
+  } catch {
+    return name
+  }
 }
 
 /**
- * One structured line per request (Fastify's own two request lines are off): route, method,
- * status, upstream target, durations and bytes. Headers are not logged, so no Authorization,
- * cookie or API key value can leak through it.
+ * The path and query as logged: every value of a parameter whose name looks secret (token,
+ * api_key, password, X-Amz-Signature, ...) is replaced by `[redacted]`, names and order kept.
+ */
+export function redactPath (url: string, extra?: RegExp): string {
+  const q = url.indexOf('?')
+  let out: string
+  if (q === -1) out = url
+  else {
+    const params = url.slice(q + 1).split('&')
+    for (let i = 0; i < params.length; i++) {
+      const p = params[i]
+      const eq = p.indexOf('=')
+      const name = decodeName(eq === -1 ? p : p.slice(0, eq))
+      if (eq !== -1 && (SECRET_NAME.test(name) || extra?.test(name) === true)) params[i] = p.slice(0, eq + 1) + REDACTED
+    }
+    out = url.slice(0, q + 1) + params.join('&')
+  }
+  return out.length > MAX_PATH ? out.slice(0, MAX_PATH) + '...' : out
+}
+
+const kBytesIn = Symbol('gatehouse.accessLog.bytesIn')
+const kBytesOut = Symbol('gatehouse.accessLog.bytesOut')
+
+interface Count { n: number }
+type CountedReply = FastifyReply & { [kBytesIn]?: Count, [kBytesOut]?: Count }
+
+/** Counts a chunked request body as the route's parser reads it. */
+class CountIn extends Transform {
+  constructor (private readonly count: Count) { super() }
+  override _transform (chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
+    this.count.n += chunk.length
+    cb(null, chunk)
+  }
+}
+
+function chunkLength (chunk: unknown, encoding: unknown): number {
+  if (typeof chunk === 'string') return Buffer.byteLength(chunk, typeof encoding === 'string' ? encoding as BufferEncoding : 'utf8')
+  if (chunk instanceof Uint8Array) return chunk.length
+  return 0
+}
+
+/** Counts the body bytes a streamed response (no Content-Length) writes. */
+function countWrites (res: ServerResponse, count: Count): void {
+  const write = res.write
+  const end = res.end
+  res.write = function countedWrite (this: ServerResponse, chunk: unknown, ...rest: unknown[]) {
+    count.n += chunkLength(chunk, rest[0])
+    return (write as (...args: unknown[]) => boolean).call(this, chunk, ...rest)
+  } as ServerResponse['write']
+  res.end = function countedEnd (this: ServerResponse, chunk?: unknown, ...rest: unknown[]) {
+    if (typeof chunk !== 'function') count.n += chunkLength(chunk, rest[0])
+    return (end as (...args: unknown[]) => ServerResponse).call(this, chunk, ...rest)
+  } as ServerResponse['end']
+}
+
+function isStream (payload: unknown): boolean {
+  return payload !== null && typeof payload === 'object' && typeof (payload as { pipe?: unknown }).pipe === 'function'
+}
+
+function round (ms: number): number {
+  return Math.round(ms * 100) / 100
+}
+
+/**
+ * One JSON line per request (Fastify's own two request lines are off). Its bindings carry reqId
+ * and traceId (plugins/tracing.ts); the line adds client IP as trustProxy decides, route, method,
+ * path with secret-looking query values redacted, status, upstream target, upstream and total
+ * duration, body bytes in and out, cache result and the code of any error the gateway made.
+ * No header is logged, so no Authorization, cookie or API key value can leak through it.
  */
 const accessLog: FastifyPluginAsync<AccessLogOptions> = async function accessLog (fastify, opts) {
   if (!opts.enabled) return
+  const extra = opts.apiKeyHeader !== undefined ? new RegExp(`^${opts.apiKeyHeader.replace(/[^A-Za-z0-9]/g, '.')}$`, 'i') : undefined
+
+  fastify.addHook('preParsing', function countBodyIn (request, reply, payload, done) {
+    // A declared length is exact (Node enforces it); only a chunked body needs counting.
+    if (request.headers['transfer-encoding'] === undefined) return done(null, payload)
+    const count: Count = { n: 0 }
+    ;(reply as CountedReply)[kBytesIn] = count
+    const counter = new CountIn(count)
+    payload.on('error', (err) => counter.destroy(err))
+    done(null, payload.pipe(counter))
+  })
+
+  fastify.addHook('onSend', function countBodyOut (_request, reply, payload, done) {
+    if (isStream(payload) && reply.getHeader('content-length') === undefined) {
+      const count: Count = { n: 0 }
+      ;(reply as CountedReply)[kBytesOut] = count
+      countWrites(reply.raw, count)
+    }
+    done(null, payload)
+  })
+
   fastify.addHook('onResponse', function logRequest (request, reply, done) {
     const up = request.upstream
-    const q = request.url.indexOf('?')
-    const bytesIn = request.headers['content-length']
-    const bytesOut = reply.getHeader('content-length')
+    const counted = reply as CountedReply
+    const lengthIn = request.headers['content-length']
+    const status = reply.statusCode
+    let bytesOut: number
+    if (request.method === 'HEAD' || status === 204 || status === 304) bytesOut = 0
+    else {
+      const length = reply.getHeader('content-length')
+      bytesOut = length !== undefined ? Number(length) : counted[kBytesOut]?.n ?? 0
+    }
+    const cache = reply.getHeader('x-cache')
     request.log.info({
       msg: 'request',
-      route: request.routeOptions.config.gatehouse?.name ?? null,
-      method: request.method,
-      path: q === -1 ? request.url : request.url.slice(0, q),
-      status: reply.statusCode,
       ip: request.ip,
+      route: up?.route ?? request.routeOptions.config.gatehouse?.name ?? null,
+      method: request.method,
+      path: redactPath(request.url, extra),
+      status,
       target: up?.target?.origin ?? null,
-      upstreamMs: up?.upstreamMs !== undefined ? Math.round(up.upstreamMs * 100) / 100 : null,
-      durationMs: Math.round(reply.elapsedTime * 100) / 100,
-      bytesIn: bytesIn !== undefined ? Number(bytesIn) : null,
-      bytesOut: bytesOut !== undefined ? Number(bytesOut) : null,
-      error: up?.error ?? null
+      upstreamMs: up?.upstreamMs !== undefined ? round(up.upstreamMs) : null,
+      durationMs: round(reply.elapsedTime),
+      bytesIn: lengthIn !== undefined ? Number(lengthIn) : counted[kBytesIn]?.n ?? 0,
+      bytesOut,
+      cache: typeof cache === 'string' ? cache : null,
+      error: up?.error ?? request.problemCode ?? null
     })
     done()
   })

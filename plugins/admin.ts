@@ -1,5 +1,6 @@
 import type { FastifyPluginAsync } from 'fastify'
 import type { GatewayServer } from '../src/server.js'
+import { metricsRoute } from './metrics.js'
 
 export interface AdminOptions {
   gateway: GatewayServer
@@ -11,6 +12,8 @@ export interface AdminOptions {
  */
 const admin: FastifyPluginAsync<AdminOptions> = async function admin (fastify, { gateway }) {
   fastify.get('/healthz', async () => ({ status: 'ok' }))
+
+  fastify.route(metricsRoute)
 
   fastify.get('/readyz', async (_request, reply) => {
     if (gateway.draining) return await reply.code(503).send({ status: 'draining' })

@@ -12,6 +12,8 @@ import fp from 'fastify-plugin'
 import problem, { frameworkErrors } from '../plugins/problem.js'
 import requestGuard, { rewriteUrl } from '../plugins/request-guard.js'
 import requestId, { genReqId } from '../plugins/request-id.js'
+import tracing from '../plugins/tracing.js'
+import metricsPlugin from '../plugins/metrics.js'
 import accessLog from '../plugins/access-log.js'
 
 export interface GatewayOptions {
@@ -104,7 +106,9 @@ const gateway: FastifyPluginAsync<GatewayOptions> = async function gateway (fast
   await fastify.register(problem)
   await fastify.register(requestGuard)
   await fastify.register(requestId)
-  await fastify.register(accessLog, { enabled: config.logging.accessLog })
+  await fastify.register(tracing)
+  await fastify.register(metricsPlugin, { onMainListener: config.metrics.onMainListener })
+  await fastify.register(accessLog, { enabled: config.logging.accessLog, apiKeyHeader: config.apiKeys?.header })
 
   for (const route of routes) {
     if (route.static !== undefined) await fastify.register(staticPlugin(route))

@@ -21,7 +21,54 @@ export const metrics = {
   circuitOpen: new Gauge({ name: 'gatehouse_circuit_open', help: '1 while the target circuit breaker is open or half-open', labelNames: ['route', 'target'] as const, registers: [registry] }),
   cache: new Counter({ name: 'gatehouse_cache_total', help: 'Cache lookups on cached routes, by result (hit, miss, stale, bypass)', labelNames: ['route', 'result'] as const, registers: [registry] }),
   rateLimited: new Counter({ name: 'gatehouse_rate_limited_total', help: 'Requests refused with 429', labelNames: ['route'] as const, registers: [registry] }),
-  authFailures: new Counter({ name: 'gatehouse_auth_failures_total', help: 'Requests refused by authentication, by reason', labelNames: ['route', 'reason'] as const, registers: [registry] })
+  authFailures: new Counter({ name: 'gatehouse_auth_failures_total', help: 'Requests refused by authentication, by reason', labelNames: ['route', 'reason'] as const, registers: [registry] }),
+  inflight: new Gauge({ name: 'gatehouse_requests_in_flight', help: 'Requests received and not yet answered', registers: [registry] }),
+  websocketConnections: new Gauge({ name: 'gatehouse_websocket_connections', help: 'WebSocket connections open, by route', labelNames: ['route'] as const, registers: [registry] }),
+  configReloads: new Counter({ name: 'gatehouse_config_reloads_total', help: 'Route-table reloads, by result (ok, failed)', labelNames: ['result'] as const, registers: [registry] }),
+  configVersion: new Gauge({ name: 'gatehouse_config_version', help: 'The version of the route table in service (1 at start, +1 per successful reload)', registers: [registry] }),
+  configReloadTime: new Gauge({ name: 'gatehouse_config_last_reload_success_timestamp_seconds', help: 'When the route table in service was loaded (Unix time)', registers: [registry] }),
+  storeErrors: new Counter({ name: 'gatehouse_store_errors_total', help: 'Failed operations on a shared store (rate-limit counters, cache), by store and backend', labelNames: ['store', 'backend'] as const, registers: [registry] })
+}
+
+// Series that exist before the first event, so that rate() and alerts see a 0 rather than nothing.
+metrics.configReloads.inc({ result: 'ok' }, 0)
+metrics.configReloads.inc({ result: 'failed' }, 0)
+metrics.inflight.set(0)
+
+/** Records a route-table load: the first one at start, then each reload (server.ts). */
+export function recordConfigLoad (ok: boolean, version: number): void {
+  if (!ok) {
+    metrics.configReloads.inc({ result: 'failed' })
+    return
+  }
+  if (version > 1) metrics.configReloads.inc({ result: 'ok' })
+  metrics.configVersion.set(version)
+  metrics.configReloadTime.set(Date.now() / 1000)
+}
+
+export interface Scrape {
+  contentType: string
+  body: string
+}
+
+/** The scrape of this process: its own registry. */
+export async function scrapeProcess (): Promise<Scrape> {
+  return { contentType: registry.contentType, body: await registry.metrics() }
+}
+
+let source: () => Promise<Scrape> = scrapeProcess
+
+/**
+ * What /metrics serves. Cluster mode (src/cluster.ts) replaces the source with one that
+ * aggregates every worker's registry (prom-client's AggregatorRegistry, fed by `registry` in each
+ * worker), so one scrape reports the whole process group.
+ */
+export function setScrapeSource (fn: () => Promise<Scrape>): void {
+  source = fn
+}
+
+export async function scrape (): Promise<Scrape> {
+  return await source()
 }
 
 /** The route label of requests that matched no route. */

@@ -7,6 +7,7 @@ import pino, { type Logger } from 'pino'
 import { loadGatewayConfig, loadRoutes, ConfigError, type CliOverrides, type GatewayConfig, type RouteDefinition } from './config.js'
 import { buildGateway } from './app.js'
 import { ProcessState } from './state.js'
+import { recordConfigLoad } from './metrics.js'
 import admin from '../plugins/admin.js'
 import { GATEHOUSE_HEADERS_TOO_LARGE, GATEHOUSE_BAD_REQUEST, errorMeta, problemType } from './errors.js'
 
@@ -107,6 +108,7 @@ export class GatewayServer {
     })
     const routes = await loadRoutes(routesDir, this.options.env)
     this.current = await this.build(routes)
+    recordConfigLoad(true, this.current.id)
     this.server = this.createServer()
     this.server.listen(config.listen.port, config.listen.host)
     await once(this.server, 'listening')
@@ -192,10 +194,12 @@ export class GatewayServer {
     } catch (err) {
       const error = err instanceof ConfigError ? err.message : String((err as Error).message)
       this.logger.error({ error }, 'reload failed, keeping the current routes')
+      recordConfigLoad(false, this.current.id)
       return { ok: false, version: this.current.id, routes: this.current.routes.length, error }
     }
     const old = this.current
     this.current = next
+    recordConfigLoad(true, next.id)
     this.logger.info({ version: next.id, routes: next.routes.length }, 'routes reloaded')
     void this.retire(old)
     return { ok: true, version: next.id, routes: next.routes.length }

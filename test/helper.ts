@@ -65,6 +65,8 @@ export interface GatewayFixture {
   /** gatehouse.yaml settings; listen and admin default to port 0 on loopback. */
   config?: Record<string, unknown>
   env?: NodeJS.ProcessEnv
+  /** The gateway's logger; silent when omitted (access-log tests pass one that records lines). */
+  logger?: pino.Logger
 }
 
 /** A gateway on free loopback ports, built from route objects written to a temporary directory. */
@@ -84,7 +86,7 @@ export async function startGateway (t: { after: Cleanup }, fixture: GatewayFixtu
     ...fixture.config
   }
   writeFileSync(join(dir, 'gatehouse.yaml'), stringify(config))
-  const gateway = new GatewayServer({ configFile: join(dir, 'gatehouse.yaml'), logger: pino({ level: 'silent' }), env: { ...process.env, ...fixture.env } })
+  const gateway = new GatewayServer({ configFile: join(dir, 'gatehouse.yaml'), logger: fixture.logger ?? pino({ level: 'silent' }), env: { ...process.env, ...fixture.env } })
   await gateway.start()
   const port = gateway.address().port
   const admin = gateway.adminAddress()
