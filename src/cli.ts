@@ -6,6 +6,7 @@ import closeWithGrace from 'close-with-grace'
 import type { RouteOptions } from 'fastify'
 import { ConfigError, loadGatewayConfig, loadRoutes, normalizePrefix, type CliOverrides, type RouteDefinition } from './config.js'
 import { GatewayServer } from './server.js'
+import { clustered, parseWorkers, startCluster } from './cluster.js'
 import { buildGateway } from './app.js'
 import { normalizeUrl, upstreamPath, BadPathError } from './path.js'
 import { formatDuration } from './units.js'
@@ -163,6 +164,16 @@ async function explain (args: Args): Promise<void> {
 }
 
 async function start (args: Args): Promise<void> {
+  let workers = 1
+  try {
+    workers = parseWorkers(args.workers)
+  } catch (err) {
+    fail((err as Error).message)
+  }
+  if (clustered(workers)) {
+    await startCluster({ workers, configFile: args.configFile, overrides: args.overrides })
+    return
+  }
   const gateway = new GatewayServer({ configFile: args.configFile, overrides: args.overrides })
   await gateway.start()
   process.on('SIGHUP', () => { void gateway.reload() })

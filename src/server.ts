@@ -57,6 +57,8 @@ export interface GatewayServerOptions {
   /** A logger to use instead of the one built from the config (tests pass a silent one). */
   logger?: Logger
   env?: NodeJS.ProcessEnv
+  /** false: no admin listener even if the config has one (cluster workers: the primary serves it). */
+  admin?: boolean
 }
 
 export interface ReloadResult {
@@ -112,7 +114,7 @@ export class GatewayServer {
     this.server = this.createServer()
     this.server.listen(config.listen.port, config.listen.host)
     await once(this.server, 'listening')
-    if (config.admin !== false) {
+    if (config.admin !== false && this.options.admin !== false) {
       const adminApp = Fastify({ loggerInstance: this.logger as FastifyBaseLogger, logController: new LogController({ disableRequestLogging: true }) }) as unknown as FastifyInstance
       this.adminApp = adminApp
       await adminApp.register(admin, { gateway: this })
