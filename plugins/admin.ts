@@ -1,5 +1,6 @@
 import type { FastifyPluginAsync } from 'fastify'
 import type { GatewayServer } from '../src/server.js'
+import { purge } from './cache.js'
 import { metricsRoute } from './metrics.js'
 
 export interface AdminOptions {
@@ -18,6 +19,15 @@ const admin: FastifyPluginAsync<AdminOptions> = async function admin (fastify, {
   fastify.get('/readyz', async (_request, reply) => {
     if (gateway.draining) return await reply.code(503).send({ status: 'draining' })
     return { status: 'ready', version: gateway.version, routes: gateway.routes.length }
+  })
+
+  // Drops cached responses: `{ "url": "/orders/1" }` (a path or an absolute URL) or `{ "route": "orders" }`.
+  fastify.post('/cache/purge', async (request, reply) => {
+    const body = (request.body ?? {}) as { url?: unknown, route?: unknown }
+    const url = typeof body.url === 'string' ? body.url : undefined
+    const route = typeof body.route === 'string' ? body.route : undefined
+    if (url === undefined && route === undefined) return await reply.code(400).send({ error: 'give "url" or "route"' })
+    return { purged: await purge(gateway.config, gateway.state, { url, route }) }
   })
 
   fastify.post('/reload', async (_request, reply) => {

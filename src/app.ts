@@ -13,6 +13,8 @@ import problem, { frameworkErrors } from '../plugins/problem.js'
 import requestGuard, { rewriteUrl } from '../plugins/request-guard.js'
 import requestId, { genReqId } from '../plugins/request-id.js'
 import tracing from '../plugins/tracing.js'
+import cache from '../plugins/cache.js'
+import compress from '../plugins/compress.js'
 import metricsPlugin from '../plugins/metrics.js'
 import accessLog from '../plugins/access-log.js'
 
@@ -107,6 +109,8 @@ const gateway: FastifyPluginAsync<GatewayOptions> = async function gateway (fast
   await fastify.register(requestGuard)
   await fastify.register(requestId)
   await fastify.register(tracing)
+  await fastify.register(cache)
+  await fastify.register(compress)
   await fastify.register(metricsPlugin, { onMainListener: config.metrics.onMainListener })
   await fastify.register(accessLog, { enabled: config.logging.accessLog, apiKeyHeader: config.apiKeys?.header })
 

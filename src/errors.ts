@@ -44,6 +44,7 @@ export const GATEHOUSE_OVERLOADED = define('GATEHOUSE_OVERLOADED', 503, 'Service
 export const GATEHOUSE_SHUTTING_DOWN = define('GATEHOUSE_SHUTTING_DOWN', 503, 'Service Unavailable', 'The gateway is shutting down')
 export const GATEHOUSE_UPSTREAM_TIMEOUT = define('GATEHOUSE_UPSTREAM_TIMEOUT', 504, 'Gateway Timeout', 'The upstream service did not respond in time', 'http_response_timeout')
 export const GATEHOUSE_UPSTREAM_CONNECT_TIMEOUT = define('GATEHOUSE_UPSTREAM_CONNECT_TIMEOUT', 504, 'Gateway Timeout', 'The connection to the upstream service timed out', 'connection_timeout')
+export const GATEHOUSE_NOT_CACHED = define('GATEHOUSE_NOT_CACHED', 504, 'Gateway Timeout', 'The response is not in the cache (the request said only-if-cached)')
 
 export function errorMeta (code: string): ErrorMeta | undefined {
   return meta.get(code)

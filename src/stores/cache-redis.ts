@@ -1,0 +1,81 @@
+import type { Redis } from 'ioredis'
+import type { CacheStore, CachedEntry } from '../cache/store.js'
+import { decodeEntry, encodeEntry } from '../cache/store.js'
+
+/**
+ * Response store shared by every gateway instance: one Redis hash per URL (`<prefix>cache:<url>`),
+ * one field per variant, the hash expiring with its longest-lived variant; and one set per route
+ * listing its URLs, for purge by route. Redis errors make the cache miss, never fail a request.
+ */
+export class RedisCacheStore implements CacheStore {
+  private readonly redis: Redis
+  private readonly prefix: string
+
+  constructor (redis: Redis, keyPrefix: string) {
+    this.redis = redis
+    this.prefix = keyPrefix + 'cache:'
+  }
+
+  private key (primary: string): string { return this.prefix + 'u:' + primary }
+  private routeKey (route: string): string { return this.prefix + 'r:' + route }
+
+  async get (key: string): Promise<CachedEntry[]> {
+    let fields: Record<string, Buffer>
+    try {
+      fields = await this.redis.hgetallBuffer(this.key(key))
+    } catch {
+      return []
+    }
+    const out: CachedEntry[] = []
+    for (const value of Object.values(fields)) {
+      const entry = decodeEntry(value)
+      if (entry !== undefined) out.push(entry)
+    }
+    return out.sort((a, b) => b.responseTime - a.responseTime)
+  }
+
+  async set (key: string, entry: CachedEntry, ttl: number): Promise<void> {
+    const k = this.key(key)
+    const ms = Math.max(1000, Math.ceil(ttl))
+    try {
+      // PEXPIRE ... GT keeps the longest TTL of the variants; a new hash has none, so set it first.
+      await this.redis.multi()
+        .hset(k, entry.variant, encodeEntry(entry))
+        .pexpire(k, ms, 'NX')
+        .pexpire(k, ms, 'GT')
+        .sadd(this.routeKey(entry.route), key)
+        .exec()
+    } catch {
+      // The cache is an optimisation: a failed store only costs a later miss.
+    }
+  }
+
+  async delete (key: string): Promise<number> {
+    try {
+      return await this.redis.del(this.key(key))
+    } catch {
+      return 0
+    }
+  }
+
+  async purgeRoute (route: string): Promise<number> {
+    const rk = this.routeKey(route)
+    let removed = 0
+    try {
+      let cursor = '0'
+      do {
+        const [next, keys] = await this.redis.sscan(rk, cursor, 'COUNT', 500)
+        cursor = next
+        if (keys.length > 0) removed += await this.redis.del(...keys.map((k) => this.key(k)))
+      } while (cursor !== '0')
+      await this.redis.del(rk)
+    } catch {
+      return removed
+    }
+    return removed
+  }
+
+  async close (): Promise<void> {
+    // The client is the process's shared one (src/redis.ts); its owner closes it.
+  }
+}
