@@ -10,6 +10,8 @@ import { ProcessState } from './state.js'
 import { recordConfigLoad } from './metrics.js'
 import admin from '../plugins/admin.js'
 import { GATEHOUSE_HEADERS_TOO_LARGE, GATEHOUSE_BAD_REQUEST, errorMeta, problemType } from './errors.js'
+import { Certificates, createRedirectServer, createSecureListener, type SecureListener } from './tls.js'
+import { WebSocketTunnels } from './websocket.js'
 
 type Handler = (req: IncomingMessage, res: ServerResponse) => void
 
@@ -81,7 +83,14 @@ export class GatewayServer {
   config!: GatewayConfig
   routesDir!: string
   logger!: Logger
-  server!: Server
+  /** The main listener: HTTPS with HTTP/2 and HTTP/1.1 when `tls:` is set, else plain HTTP/1.1. */
+  server!: Server | SecureListener
+  /** The TLS certificates (watched and reloaded); undefined without `tls:`. */
+  certificates: Certificates | undefined
+  /** The HTTP listener of tls.redirectHttpPort, answering 308 to HTTPS. */
+  redirectServer: Server | undefined
+  /** Open WebSocket tunnels, closed at shutdown once in-flight requests are done. */
+  readonly websockets = new WebSocketTunnels()
   adminApp: FastifyInstance | undefined
   /** Stores, clients and registries that outlive a route-table version. */
   readonly state = new ProcessState()
@@ -108,12 +117,19 @@ export class GatewayServer {
       level: config.logging.level,
       redact: { paths: ['req.headers.authorization', 'req.headers.cookie', 'req.headers["x-api-key"]', 'res.headers["set-cookie"]'], censor: '[redacted]' }
     })
+    // Certificates are checked before anything is built, so a bad pair stops the start cleanly.
+    if (config.tls !== undefined) this.certificates = new Certificates(config.tls, { configFile: this.options.configFile, logger: this.logger })
     const routes = await loadRoutes(routesDir, this.options.env)
     this.current = await this.build(routes)
     recordConfigLoad(true, this.current.id)
     this.server = this.createServer()
     this.server.listen(config.listen.port, config.listen.host)
     await once(this.server, 'listening')
+    if (config.tls?.redirectHttpPort !== undefined) {
+      this.redirectServer = createRedirectServer(() => this.address().port, config.limits)
+      this.redirectServer.listen(config.tls.redirectHttpPort, config.listen.host)
+      await once(this.redirectServer, 'listening')
+    }
     if (config.admin !== false && this.options.admin !== false) {
       const adminApp = Fastify({ loggerInstance: this.logger as FastifyBaseLogger, logController: new LogController({ disableRequestLogging: true }) }) as unknown as FastifyInstance
       this.adminApp = adminApp
@@ -125,6 +141,10 @@ export class GatewayServer {
 
   address (): AddressInfo {
     return this.server.address() as AddressInfo
+  }
+
+  redirectAddress (): AddressInfo | undefined {
+    return this.redirectServer?.address() as AddressInfo | undefined
   }
 
   adminAddress (): AddressInfo | undefined {
@@ -145,22 +165,34 @@ export class GatewayServer {
     return version
   }
 
-  private createServer (): Server {
+  private createServer (): Server | SecureListener {
     const limits = this.config.limits
-    const server = http.createServer({
-      maxHeaderSize: limits.maxHeaderBytes,
-      headersTimeout: limits.headersTimeout,
-      requestTimeout: limits.requestTimeout,
-      keepAliveTimeout: limits.keepAliveTimeout,
-      // Duplicate headers are joined rather than dropped, so that two Host headers can be seen.
-      joinDuplicateHeaders: true,
-      requireHostHeader: false
-    }, (req, res) => {
+    const onRequest = (req: IncomingMessage, res: ServerResponse): void => {
       const v = this.current
       v.inflight++
       res.once('close', v.release)
       if (this.closing) res.shouldKeepAlive = false
       v.handler(req, res)
+    }
+    // With TLS, HTTP/2 and HTTP/1.1 share the port (ALPN); Fastify handles both request kinds.
+    const server = this.certificates !== undefined
+      ? createSecureListener(this.certificates, limits, onRequest as unknown as Parameters<typeof createSecureListener>[2])
+      : http.createServer({
+        maxHeaderSize: limits.maxHeaderBytes,
+        headersTimeout: limits.headersTimeout,
+        requestTimeout: limits.requestTimeout,
+        keepAliveTimeout: limits.keepAliveTimeout,
+        // Node enforces the two timeouts above only every 30 s by default: check every second.
+        connectionsCheckingInterval: 1000,
+        // Duplicate headers are joined rather than dropped, so that two Host headers can be seen.
+        joinDuplicateHeaders: true,
+        requireHostHeader: false
+      }, onRequest)
+    // WebSocket upgrades take the way of any request through the current version (src/websocket.ts).
+    server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
+      const v = this.current
+      v.inflight++
+      this.websockets.handle(req, socket, head, v.handler, v.release)
     })
     // Node's parser answers malformed requests itself: give them a problem document too.
     server.on('clientError', (err: NodeJS.ErrnoException, socket: Socket) => {
@@ -221,7 +253,11 @@ export class GatewayServer {
     this.server.closeIdleConnections()
     const drained = await this.current.drained(this.config.limits.shutdownTimeout)
     if (!drained) this.logger.warn({ inflight: this.current.inflight }, 'shutdown timeout: closing connections with requests in flight')
+    this.websockets.closeAll()
     this.server.closeAllConnections()
+    this.redirectServer?.closeAllConnections()
+    this.redirectServer?.close()
+    this.certificates?.close()
     await serverClosed
     await this.current.app.close()
     await this.adminApp?.close()
