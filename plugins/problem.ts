@@ -47,6 +47,9 @@ export function sendProblem (request: FastifyRequest, reply: FastifyReply, err: 
   // A gateway error replaces whatever an upstream had started to say.
   reply.removeHeader('content-length')
   reply.removeHeader('content-encoding')
+  // A refusal before the body was read (413, or any error mid-upload): close the connection rather
+  // than keep it alive, or Node would read and discard the rest of an unbounded body.
+  if (!request.raw.complete) reply.header('connection', 'close')
   const body: Problem = { type: errors.problemType(code), title: meta.title, status: meta.status, detail, code, requestId: request.id }
   reply.send(JSON.stringify(body))
 }

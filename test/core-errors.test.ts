@@ -1,0 +1,176 @@
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import net from 'node:net'
+import { once } from 'node:events'
+import { Readable } from 'node:stream'
+import type { IncomingMessage } from 'node:http'
+import { request } from 'undici'
+import { freePort, startGateway, startUpstream } from './helper.js'
+import { call, parseResponse, rawCall, route } from './core-helper.js'
+
+interface Problem { type: string, title: string, status: number, detail: string, code: string, requestId: string }
+
+/** What no gateway-made error body may contain: internal addresses, ports, socket error texts, stacks. */
+function assertNoLeak (text: string, port: number): void {
+  for (const bad of ['127.0.0.1', String(port), 'ECONNREFUSED', 'ECONNRESET', 'socket', 'undici', ' at ', 'Error:']) {
+    assert.ok(!text.includes(bad), `error body leaks ${JSON.stringify(bad)}: ${text}`)
+  }
+}
+
+test('502 GATEHOUSE_UPSTREAM_UNREACHABLE when the target refuses, with Proxy-Status and no internal detail', async (t) => {
+  const port = await freePort()
+  const gw = await startGateway(t, { routes: { svc: route('/svc', `http://127.0.0.1:${port}`, { upstream: { retries: { attempts: 0 } } }) } })
+  const res = await call(`${gw.url}/svc/a`)
+  assert.equal(res.status, 502)
+  assert.match(String(res.headers['content-type']), /^application\/problem\+json/)
+  assert.equal(res.headers['proxy-status'], 'gatehouse; error=connection_refused')
+  const body = res.json<Problem>()
+  assert.equal(body.code, 'GATEHOUSE_UPSTREAM_UNREACHABLE')
+  assert.equal(body.status, 502)
+  assert.equal(body.type, 'urn:gatehouse:error:upstream-unreachable')
+  assert.equal(body.requestId, res.headers['x-request-id'])
+  assertNoLeak(res.text, port)
+})
+
+test('502 GATEHOUSE_UPSTREAM_RESET when the upstream resets before responding', async (t) => {
+  const up = await startUpstream(t, (req) => { req.socket.destroy() })
+  const gw = await startGateway(t, { routes: { svc: route('/svc', up.url, { upstream: { retries: { attempts: 0 } } }) } })
+  const res = await call(`${gw.url}/svc/a`, { method: 'POST', body: 'x' })
+  assert.equal(res.status, 502)
+  assert.equal(res.headers['proxy-status'], 'gatehouse; error=connection_terminated')
+  assert.equal(res.json<Problem>().code, 'GATEHOUSE_UPSTREAM_RESET')
+  assertNoLeak(res.text, up.port)
+})
+
+test('504 GATEHOUSE_UPSTREAM_TIMEOUT after timeouts.response with a hanging upstream', async (t) => {
+  const held: IncomingMessage[] = []
+  const up = await startUpstream(t, (req) => { held.push(req) })
+  const gw = await startGateway(t, { routes: { svc: route('/svc', up.url, { upstream: { timeouts: { response: '300ms' }, retries: { attempts: 0 } } }) } })
+  const started = Date.now()
+  const res = await call(`${gw.url}/svc/slow`)
+  assert.equal(res.status, 504)
+  assert.ok(Date.now() - started >= 250, 'not before the timeout')
+  assert.equal(res.headers['proxy-status'], 'gatehouse; error=http_response_timeout')
+  const body = res.json<Problem>()
+  assert.equal(body.code, 'GATEHOUSE_UPSTREAM_TIMEOUT')
+  assert.equal(body.title, 'Gateway Timeout')
+  assertNoLeak(res.text, up.port)
+  assert.equal(held.length, 1)
+})
+
+test('413 for a Content-Length over the route bodyLimit: nothing is forwarded', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, { routes: { svc: route('/svc', up.url, { bodyLimit: '1KiB' }) } })
+  const res = await rawCall(gw.port, ['POST /svc/a HTTP/1.1', 'Host: gw.test', 'Content-Length: 2048', 'Content-Type: application/octet-stream'], 'x'.repeat(2048))
+  assert.equal(res.status, 413)
+  assert.match(res.header('content-type') ?? '', /^application\/problem\+json/)
+  assert.equal(JSON.parse(res.body).code, 'GATEHOUSE_PAYLOAD_TOO_LARGE')
+  assert.equal(up.received.length, 0)
+
+  const ok = await call(`${gw.url}/svc/a`, { method: 'POST', body: 'y'.repeat(1024) })
+  assert.equal(ok.status, 200, 'a body of exactly the limit passes')
+})
+
+test('413 for a chunked body over the limit, counted as it streams: the upstream never gets it whole', async (t) => {
+  const bodies: Array<{ bytes: number, complete: boolean }> = []
+  const up = await startUpstream(t, (req, res) => {
+    const seen = { bytes: 0, complete: false }
+    bodies.push(seen)
+    req.on('data', (c: Buffer) => { seen.bytes += c.length })
+    req.on('end', () => { seen.complete = true; res.end('got it') })
+  })
+  const gw = await startGateway(t, { routes: { svc: route('/svc', up.url, { bodyLimit: '64KiB' }) } })
+  const chunk = Buffer.alloc(16 * 1024, 'z')
+  async function * body (): AsyncGenerator<Buffer> {
+    for (let i = 0; i < 16; i++) yield chunk // 256 KiB, four times the limit
+  }
+  let status: number | undefined
+  let text = ''
+  try {
+    const res = await request(`${gw.url}/svc/upload`, { method: 'POST', body: Readable.from(body()), headers: { 'content-type': 'application/octet-stream' } })
+    status = res.statusCode
+    text = await res.body.text()
+  } catch (err) {
+    // The gateway may close the connection while the client is still sending; the raw check below covers the status.
+    assert.match((err as NodeJS.ErrnoException).code ?? '', /ECONNRESET|EPIPE|UND_ERR_SOCKET/)
+  }
+  if (status !== undefined) {
+    assert.equal(status, 413)
+    assert.equal(JSON.parse(text).code, 'GATEHOUSE_PAYLOAD_TOO_LARGE')
+  }
+  // Raw: the whole over-limit chunked body is sent first, then the answer is read.
+  const raw = net.connect(gw.port, '127.0.0.1')
+  await once(raw, 'connect')
+  const received: Buffer[] = []
+  raw.on('data', (c: Buffer) => received.push(c))
+  raw.on('error', () => {})
+  raw.write('POST /svc/upload HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\nContent-Type: application/octet-stream\r\n\r\n')
+  for (let i = 0; i < 8; i++) raw.write(`${chunk.length.toString(16)}\r\n${chunk.toString()}\r\n`)
+  raw.write('0\r\n\r\n')
+  await once(raw, 'close')
+  const answer = parseResponse(Buffer.concat(received).toString('latin1'))
+  assert.equal(answer.status, 413)
+  assert.equal(JSON.parse(answer.body).code, 'GATEHOUSE_PAYLOAD_TOO_LARGE')
+  for (const b of bodies) {
+    assert.equal(b.complete, false, 'the upstream never saw the end of an over-limit body')
+    assert.ok(b.bytes <= 64 * 1024, `at most the limit was forwarded (${b.bytes})`)
+  }
+})
+
+test('431 problem+json for an oversized header block', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, { config: { limits: { maxHeaderBytes: '8KiB' } }, routes: { svc: route('/svc', up.url) } })
+  const res = await rawCall(gw.port, ['GET /svc/a HTTP/1.1', 'Host: gw.test', `X-Big: ${'b'.repeat(10 * 1024)}`])
+  assert.equal(res.status, 431)
+  assert.match(res.header('content-type') ?? '', /^application\/problem\+json/)
+  assert.equal(JSON.parse(res.body).code, 'GATEHOUSE_HEADERS_TOO_LARGE')
+  assert.equal(up.received.length, 0)
+  // Under the limit passes.
+  assert.equal((await rawCall(gw.port, ['GET /svc/a HTTP/1.1', 'Host: gw.test', `X-Big: ${'b'.repeat(4 * 1024)}`])).status, 200)
+})
+
+test('an upstream that resets mid-body gives the client an aborted response, never a complete-looking one', async (t) => {
+  const up = await startUpstream(t, (req, res) => {
+    if (req.url === '/chunked') res.writeHead(200, { 'content-type': 'text/plain' })
+    else res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '100000' })
+    res.write('x'.repeat(1000), () => { setImmediate(() => res.socket?.destroy()) })
+  })
+  const gw = await startGateway(t, { routes: { svc: route('/svc', up.url) } })
+
+  for (const path of ['/svc/chunked', '/svc/length']) {
+    const res = await request(`${gw.url}${path}`)
+    assert.equal(res.statusCode, 200)
+    await assert.rejects(res.body.text(), path)
+  }
+  // On the wire: a chunked response is never closed by its terminating zero-length chunk.
+  const sock = net.connect(gw.port, '127.0.0.1')
+  await once(sock, 'connect')
+  const chunks: Buffer[] = []
+  sock.on('data', (c: Buffer) => chunks.push(c))
+  sock.on('error', () => {})
+  sock.write('GET /svc/chunked HTTP/1.1\r\nHost: gw.test\r\n\r\n')
+  await once(sock, 'close')
+  const raw = Buffer.concat(chunks).toString('latin1')
+  assert.match(raw, /^HTTP\/1\.1 200/)
+  assert.ok(raw.includes('x'.repeat(100)), 'part of the body came through')
+  assert.ok(!raw.endsWith('0\r\n\r\n'), 'no terminating chunk')
+})
+
+test('the gateway closes a connection whose header block is not complete within headersTimeout', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, { config: { limits: { headersTimeout: '1s', requestTimeout: '2s' } }, routes: { svc: route('/svc', up.url) } })
+  const sock = net.connect(gw.port, '127.0.0.1')
+  await once(sock, 'connect')
+  const chunks: Buffer[] = []
+  sock.on('data', (c: Buffer) => chunks.push(c))
+  sock.on('error', () => {})
+  sock.write('GET /svc/a HTTP/1.1\r\nHost: gw.test\r\nX-Slow: ')
+  const started = Date.now()
+  await once(sock, 'close')
+  const elapsed = Date.now() - started
+  // Node's default check interval (30 s) would let it hang on far longer than headersTimeout.
+  assert.ok(elapsed < 10_000, `dropped within the bound (${elapsed} ms)`)
+  const raw = Buffer.concat(chunks).toString('latin1')
+  if (raw !== '') assert.match(raw, /^HTTP\/1\.1 408/)
+  assert.equal(up.received.length, 0)
+})
