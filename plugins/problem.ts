@@ -49,7 +49,8 @@ export function sendProblem (request: FastifyRequest, reply: FastifyReply, err: 
   reply.removeHeader('content-encoding')
   // A refusal before the body was read (413, or any error mid-upload): close the connection rather
   // than keep it alive, or Node would read and discard the rest of an unbounded body.
-  if (!request.raw.complete) reply.header('connection', 'close')
+  // (HTTP/1 only: HTTP/2 forbids the header, and resets the stream instead.)
+  if (!request.raw.complete && request.raw.httpVersionMajor === 1) reply.header('connection', 'close')
   const body: Problem = { type: errors.problemType(code), title: meta.title, status: meta.status, detail, code, requestId: request.id }
   reply.send(JSON.stringify(body))
 }
