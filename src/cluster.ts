@@ -96,6 +96,8 @@ class Primary {
   /** Consecutive quick deaths, for the restart back-off. */
   private crashes = 0
   private closing = false
+  /** The route-table generation: 1 at start, +1 per reload that every worker took. */
+  private generation = 1
   private requests = 0
   private readonly pending = new Map<number, { resolve: (m: FromWorker) => void }>()
 
@@ -208,7 +210,12 @@ class Primary {
   async reload (): Promise<{ ok: boolean, workers: Array<ReloadResult & { worker: number }> }> {
     const answers = await this.ask<Extract<FromWorker, { type: 'gatehouse:reloaded' }>>((id) => ({ type: 'gatehouse:reload', id }), 30_000)
     const workers = [...answers.entries()].map(([worker, m]) => ({ worker, ...m.result }))
+    for (const w of workers) {
+      const info = this.workers.get(w.worker)
+      if (info !== undefined) { info.version = w.version; info.routes = w.routes }
+    }
     const ok = workers.length > 0 && workers.every((w) => w.ok)
+    if (ok) this.generation++
     this.logger.info({ ok, workers: workers.length }, 'routes reloaded in every worker')
     return { ok, workers }
   }
@@ -222,7 +229,8 @@ class Primary {
       const ready = [...this.workers.values()].filter((w) => w.ready)
       if (this.closing) return await reply.code(503).send({ status: 'draining' })
       if (ready.length === 0) return await reply.code(503).send({ status: 'starting', workers: 0 })
-      return { status: 'ready', workers: ready.length, version: Math.min(...ready.map((w) => w.version ?? 0)), routes: ready[0].routes }
+      // Worker versions restart at 1 with each new worker: the cluster reports its own generation.
+      return { status: 'ready', workers: ready.length, version: this.generation, routes: ready[0].routes }
     })
     app.get('/workers', async () => ({
       workers: [...this.workers.values()].map((w) => ({ id: w.worker.id, pid: w.worker.process.pid, ready: w.ready, version: w.version, port: w.port, startedAt: new Date(w.started).toISOString() })),
