@@ -30,6 +30,13 @@ const admin: FastifyPluginAsync<AdminOptions> = async function admin (fastify, {
     return { purged: await purge(gateway.config, gateway.state, { url, route }) }
   })
 
+  // Per route and target of the version in service: health, circuit, load, recent failures.
+  fastify.get('/upstreams', async () => {
+    const now = Date.now()
+    const routes = [...gateway.app.gatehouse.upstreams.values()].flatMap((b) => b.status !== undefined ? [b.status(now)] : [])
+    return { version: gateway.version, routes }
+  })
+
   fastify.post('/reload', async (_request, reply) => {
     const result = await gateway.reload()
     return await reply.code(result.ok ? 200 : 422).send(result)

@@ -13,6 +13,12 @@ import problem, { frameworkErrors } from '../plugins/problem.js'
 import requestGuard, { rewriteUrl } from '../plugins/request-guard.js'
 import requestId, { genReqId } from '../plugins/request-id.js'
 import tracing from '../plugins/tracing.js'
+import limits from '../plugins/limits.js'
+import ipFilter from '../plugins/ip-filter.js'
+import auth from '../plugins/auth.js'
+import rateLimit from '../plugins/rate-limit.js'
+import cors from '../plugins/cors.js'
+import securityHeaders from '../plugins/security-headers.js'
 import cache from '../plugins/cache.js'
 import compress from '../plugins/compress.js'
 import metricsPlugin from '../plugins/metrics.js'
@@ -109,8 +115,14 @@ const gateway: FastifyPluginAsync<GatewayOptions> = async function gateway (fast
   await fastify.register(requestGuard)
   await fastify.register(requestId)
   await fastify.register(tracing)
+  await fastify.register(limits)
+  await fastify.register(ipFilter)
+  await fastify.register(auth)
+  await fastify.register(rateLimit)
+  await fastify.register(cors)
   await fastify.register(cache)
   await fastify.register(compress)
+  await fastify.register(securityHeaders)
   await fastify.register(metricsPlugin, { onMainListener: config.metrics.onMainListener })
   await fastify.register(accessLog, { enabled: config.logging.accessLog, apiKeyHeader: config.apiKeys?.header })
 

@@ -70,7 +70,8 @@ export const JwtGlobal = Type.Object({
   issuer: Type.Optional(Type.Union([Type.String(), Type.Array(Type.String(), { minItems: 1 })])),
   audience: Type.Optional(Type.Union([Type.String(), Type.Array(Type.String(), { minItems: 1 })])),
   clockSkew: Type.Optional(Duration),
-  jwksRefreshInterval: Type.Optional(Duration)
+  jwksRefreshInterval: Type.Optional(Duration),
+  jwksRefreshCooldown: Type.Optional(Duration)
 }, Strict)
 
 export const GatewayConfigSchema = Type.Object({
@@ -119,7 +120,8 @@ export const GatewayConfigSchema = Type.Object({
     keepAliveTimeout: Duration,
     shutdownTimeout: Duration,
     maxConnectionsPerIp: Type.Optional(Type.Integer({ minimum: 1 })),
-    maxConcurrent: Type.Optional(Type.Integer({ minimum: 1 }))
+    maxConcurrent: Type.Optional(Type.Integer({ minimum: 1 })),
+    maxEventLoopDelay: Type.Optional(Duration)
   }, { ...Strict, default: {} }),
   ipFilter: Type.Object({
     allow: Type.Array(Cidr, { default: [] }),
@@ -455,6 +457,7 @@ export function loadGatewayConfig (file: string | undefined, overrides: CliOverr
   if (config !== undefined) checkGateway(config, label, file, problems)
   if (problems.length > 0 || config === undefined) throw new ConfigError(problems)
   const base = file !== undefined ? dirname(resolve(file)) : process.cwd()
+  if (config.jwt?.publicKey !== undefined) config.jwt.publicKey = resolve(base, config.jwt.publicKey)
   const routesDir = overrides.routes !== undefined ? resolve(overrides.routes) : resolve(base, config.routes)
   return { file, config: deepFreeze(config), routesDir }
 }

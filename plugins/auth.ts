@@ -1,0 +1,265 @@
+import { readFileSync } from 'node:fs'
+import { createHash, createPublicKey, timingSafeEqual } from 'node:crypto'
+import fp from 'fastify-plugin'
+import jwtPlugin from '@fastify/jwt'
+import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
+import type { GatewayConfig, RouteDefinition } from '../src/config.js'
+import { GATEHOUSE_FORBIDDEN, GATEHOUSE_UNAUTHORIZED } from '../src/errors.js'
+import { metrics } from '../src/metrics.js'
+import { Jwks, JwksError } from '../src/jwks.js'
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** The verified JWT claims, on routes that authenticate with JWT. */
+    claims?: Record<string, unknown>
+    /** The API key's consumer name, on routes that authenticate with API keys. */
+    consumer?: string
+  }
+}
+
+/** The header that tells an upstream which API consumer called; never taken from a client. */
+export const CONSUMER_HEADER = 'x-gatehouse-consumer'
+/** The ProcessState key of the JWKS cache (one per process, kept across reloads). */
+export const JWKS_STATE_KEY = 'jwks'
+
+const HS = ['HS256', 'HS384', 'HS512']
+const ASYMMETRIC = ['RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES384', 'ES512', 'EdDSA']
+const DEFAULT_SKEW = 30_000
+const kToken = Symbol('gatehouse.token')
+
+type TokenRequest = FastifyRequest & { [kToken]?: string } & Record<string, unknown>
+type Want = string | number | boolean | readonly string[]
+
+interface Policy {
+  /** The name of this route's @fastify/jwt request decorator, when it accepts JWTs. */
+  verifyName?: string
+  jwtOptional: boolean
+  cookie?: string
+  requireClaims: Array<[string, Want]>
+  claimsToHeaders: Array<[string, string]>
+  apiKey: boolean
+  /** Client-sent headers removed before anything else: the ones this route sets itself. */
+  strip: string[]
+  challenge: string[]
+}
+
+/** The algorithms a key can verify: `none` is never among them, nor HMAC for a public key. */
+export function allowedAlgorithms (jwt: NonNullable<GatewayConfig['jwt']>, publicKeyPem?: string): string[] {
+  let possible: string[]
+  if (jwt.secret !== undefined) possible = HS
+  else if (publicKeyPem !== undefined) {
+    const key = createPublicKey(publicKeyPem)
+    const curve = key.asymmetricKeyDetails?.namedCurve
+    switch (key.asymmetricKeyType) {
+      case 'rsa': possible = ['RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512']; break
+      case 'rsa-pss': possible = ['PS256', 'PS384', 'PS512']; break
+      case 'ec': possible = [{ prime256v1: 'ES256', secp384r1: 'ES384', secp521r1: 'ES512' }[curve ?? ''] ?? ''].filter(Boolean); break
+      case 'ed25519': possible = ['EdDSA']; break
+      default: possible = []
+    }
+  } else possible = ASYMMETRIC
+  if (jwt.algorithms === undefined) return possible
+  const wrong = jwt.algorithms.filter((a) => !possible.includes(a))
+  if (wrong.length > 0) {
+    throw new Error(`jwt.algorithms: ${wrong.join(', ')} cannot be verified with the configured ${jwt.secret !== undefined ? 'secret' : 'public key'} (allowed: ${possible.join(', ') || 'none'})`)
+  }
+  return [...jwt.algorithms]
+}
+
+function list (v: string | readonly string[] | undefined): string[] | undefined {
+  return v === undefined ? undefined : typeof v === 'string' ? [v] : [...v]
+}
+
+/** The bearer token of the request: from Authorization, or from the route's cookie. */
+function extractToken (request: FastifyRequest, cookie: string | undefined): string | undefined {
+  const header = request.headers.authorization
+  if (header !== undefined) {
+    const m = /^Bearer +([A-Za-z0-9._~+/-]+=*) *$/i.exec(header)
+    return m === null ? undefined : m[1]
+  }
+  if (cookie === undefined) return undefined
+  const cookies = request.headers.cookie
+  if (cookies === undefined) return undefined
+  for (const part of cookies.split(';')) {
+    const eq = part.indexOf('=')
+    if (eq !== -1 && part.slice(0, eq).trim() === cookie) return part.slice(eq + 1).trim() || undefined
+  }
+  return undefined
+}
+
+/** Whether a claim satisfies a requirement; strings match as space-separated lists (OAuth scope). */
+export function satisfies (value: unknown, want: Want): boolean {
+  if (want === true) return value !== undefined && value !== null && value !== false
+  if (want === false) return value === undefined || value === false
+  if (typeof want === 'number') return value === want
+  const have = Array.isArray(value) ? value.map(String) : typeof value === 'string' ? value.split(' ') : value === undefined || value === null ? [] : [String(value)]
+  return (typeof want === 'string' ? [want] : want).every((w) => have.includes(w))
+}
+
+function headerValue (v: unknown): string | undefined {
+  if (v === undefined || v === null) return undefined
+  const s = Array.isArray(v) ? v.map(String).join(',') : typeof v === 'object' ? JSON.stringify(v) : String(v)
+  // A claim value is client-influenced: no control characters or CR/LF may reach a header.
+  return /^[\t\x20-\x7e]*$/.test(s) ? s : encodeURIComponent(s)
+}
+
+function sha256 (s: string): Buffer {
+  return createHash('sha256').update(s).digest()
+}
+
+/** Why a token was refused, as a bounded metric label and a client-safe message. */
+function tokenFailure (err: unknown): { reason: string, detail: string } {
+  if (err instanceof JwksError) return { reason: err.reason, detail: 'The token\'s signing key is not known' }
+  const code = (err as { code?: string }).code
+  if (code === 'FST_JWT_AUTHORIZATION_TOKEN_EXPIRED' || code === 'FAST_JWT_EXPIRED') return { reason: 'expired', detail: 'The token has expired' }
+  if (code === 'FAST_JWT_INACTIVE') return { reason: 'not_yet_valid', detail: 'The token is not valid yet' }
+  if (code === 'FAST_JWT_INVALID_ALGORITHM' || code === 'FAST_JWT_MISSING_SIGNATURE') return { reason: 'algorithm', detail: 'The token is not signed with an accepted algorithm' }
+  return { reason: 'invalid', detail: 'The token is invalid' }
+}
+
+/**
+ * Authentication per route (`auth:` of the route file): JWT with @fastify/jwt (one namespace per
+ * route, so each route's verifier with its audience and issuer is built once and cached), and API
+ * keys compared in constant time. It runs in preParsing: after the IP filter and the IP rate limit
+ * (onRequest), before the consumer-keyed limits (preHandler) and before any body is read.
+ */
+const auth: FastifyPluginAsync = async function auth (fastify) {
+  const { config, routes, state } = fastify.gatehouse
+  const jwt = config.jwt
+  const policies = new Map<string, Policy>()
+
+  let publicKeyPem: string | undefined
+  let secret: unknown
+  let jwks: Jwks | undefined
+  let algorithms: string[] = []
+  if (jwt !== undefined) {
+    if (jwt.publicKey !== undefined) publicKeyPem = readFileSync(jwt.publicKey, 'utf8')
+    algorithms = allowedAlgorithms(jwt, publicKeyPem)
+    if (jwt.secret !== undefined) secret = jwt.secret
+    else if (publicKeyPem !== undefined) secret = { public: publicKeyPem }
+    else if (jwt.jwksUrl !== undefined) {
+      const url = jwt.jwksUrl
+      jwks = state.get(JWKS_STATE_KEY, () => new Jwks({ url, maxAgeMs: jwt.jwksRefreshInterval ?? 600_000, cooldownMs: jwt.jwksRefreshCooldown ?? 10_000 }))
+      const set = jwks
+      secret = async (_request: FastifyRequest, token: { header: { kid?: unknown, alg?: unknown } }) => await set.keyFor(token.header)
+    }
+  }
+
+  const apiKeys = config.apiKeys
+  const keyDigests = Object.entries(apiKeys?.keys ?? {}).map(([name, key]) => [name, sha256(key)] as const)
+  const apiKeyHeader = apiKeys?.header.toLowerCase() ?? 'x-api-key'
+
+  let n = 0
+  for (const route of routes) {
+    const spec = route.auth === 'none' ? undefined : route.auth
+    if (spec === undefined || (spec.jwt === undefined && spec.apiKey !== true) || (spec.jwt === false && spec.apiKey !== true)) continue
+    const policy: Policy = { jwtOptional: false, requireClaims: [], claimsToHeaders: [], apiKey: spec.apiKey === true, strip: [], challenge: [] }
+    if (policy.apiKey) {
+      if (apiKeys === undefined) throw new Error(`${route.file}: auth.apiKey needs apiKeys in gatehouse.yaml`)
+      policy.challenge.push(`ApiKey realm="gatehouse", header="${apiKeyHeader}"`)
+    }
+    if (spec.jwt !== undefined && spec.jwt !== false) {
+      if (jwt === undefined) throw new Error(`${route.file}: auth.jwt needs jwt in gatehouse.yaml`)
+      const rj = spec.jwt === true ? {} : spec.jwt
+      const issuer = list(rj.issuer) ?? list(jwt.issuer)
+      if (jwks !== undefined && list(rj.issuer)?.some((i) => !(list(jwt.issuer) ?? []).includes(i)) === true) {
+        throw new Error(`${route.file}: auth.jwt.issuer must be one of jwt.issuer of gatehouse.yaml (the issuers trusted with the JWKS)`)
+      }
+      const audience = list(rj.audience) ?? list(jwt.audience)
+      const verifyName = `gatehouseJwtVerify${n}`
+      await fastify.register(jwtPlugin, {
+        secret: secret as string,
+        namespace: `gatehouse${n}`,
+        jwtVerify: verifyName,
+        jwtDecode: `gatehouseJwtDecode${n}`,
+        jwtSign: `gatehouseJwtSign${n}`,
+        decoratorName: 'jwtPayload',
+        decode: { complete: jwks !== undefined },
+        verify: {
+          algorithms,
+          ...(issuer !== undefined ? { allowedIss: issuer } : {}),
+          ...(audience !== undefined ? { allowedAud: audience } : {}),
+          // fast-jwt skips the aud/iss check of a token that has no such claim: require them.
+          requiredClaims: [...(issuer !== undefined ? ['iss'] : []), ...(audience !== undefined ? ['aud'] : [])],
+          clockTolerance: jwt.clockSkew ?? DEFAULT_SKEW,
+          cache: 1000,
+          errorCacheTTL: 0,
+          extractToken: (request: TokenRequest) => request[kToken]
+        }
+      } as unknown as Parameters<typeof jwtPlugin>[1])
+      n++
+      policy.verifyName = verifyName
+      policy.jwtOptional = rj.optional === true
+      policy.cookie = rj.cookie
+      policy.requireClaims = Object.entries(rj.requireClaims ?? {})
+      policy.claimsToHeaders = Object.entries(rj.claimsToHeaders ?? {}).map(([c, h]) => [c, h.toLowerCase()])
+      policy.strip.push(...policy.claimsToHeaders.map(([, h]) => h))
+      policy.challenge.unshift('Bearer realm="gatehouse"')
+    }
+    policies.set(route.name, policy)
+  }
+
+  function matchKey (presented: string): string | undefined {
+    const digest = sha256(presented)
+    let found: string | undefined
+    // Every key is compared, whatever matched: the time does not tell which key came close.
+    for (const [name, d] of keyDigests) if (timingSafeEqual(digest, d) && found === undefined) found = name
+    return found
+  }
+
+  function refuse (request: FastifyRequest, reply: FastifyReply, route: RouteDefinition, policy: Policy, reason: string, detail: string, error?: string): Error {
+    metrics.authFailures.inc({ route: route.name, reason })
+    reply.header('www-authenticate', policy.challenge.map((c) => error !== undefined && c.startsWith('Bearer') ? `${c}, error="${error}"` : c))
+    return reason === 'forbidden' ? new GATEHOUSE_FORBIDDEN(detail) : new GATEHOUSE_UNAUTHORIZED(detail)
+  }
+
+  async function authenticate (request: FastifyRequest, reply: FastifyReply, route: RouteDefinition, policy: Policy): Promise<void> {
+    if (policy.apiKey) {
+      const presented = request.headers[apiKeyHeader]
+      if (typeof presented === 'string' && presented !== '') {
+        const name = matchKey(presented)
+        if (name === undefined) throw refuse(request, reply, route, policy, 'invalid_api_key', 'The API key is not valid')
+        request.consumer = name
+        request.headers[CONSUMER_HEADER] = name
+        // The key is the gateway's business: upstreams get the consumer name instead.
+        delete request.headers[apiKeyHeader]
+        return
+      }
+      if (policy.verifyName === undefined) throw refuse(request, reply, route, policy, 'missing_api_key', 'An API key is required')
+    }
+    const verifyName = policy.verifyName as string
+    const token = extractToken(request, policy.cookie)
+    if (token === undefined) {
+      if (policy.jwtOptional) return
+      throw refuse(request, reply, route, policy, 'missing', policy.apiKey ? 'A bearer token or an API key is required' : 'A bearer token is required')
+    }
+    const r = request as TokenRequest
+    r[kToken] = token
+    let claims: Record<string, unknown>
+    try {
+      claims = await (r[verifyName] as () => Promise<Record<string, unknown>>).call(request)
+    } catch (err) {
+      const { reason, detail } = tokenFailure(err)
+      throw refuse(request, reply, route, policy, reason, detail, 'invalid_token')
+    }
+    for (const [claim, want] of policy.requireClaims) {
+      if (!satisfies(claims[claim], want)) throw refuse(request, reply, route, policy, 'forbidden', `The token lacks the required claim ${claim}`, 'insufficient_scope')
+    }
+    request.claims = claims
+    for (const [claim, header] of policy.claimsToHeaders) {
+      const v = headerValue(claims[claim])
+      if (v !== undefined) request.headers[header] = v
+    }
+  }
+
+  fastify.addHook('preParsing', function authenticateRequest (request, reply, payload, done) {
+    delete request.headers[CONSUMER_HEADER]
+    const route = request.routeOptions.config.gatehouse
+    const policy = route !== undefined ? policies.get(route.name) : undefined
+    if (policy === undefined) return done(null, payload)
+    for (const h of policy.strip) delete request.headers[h]
+    authenticate(request, reply, route as RouteDefinition, policy).then(() => done(null, payload), (err: Error) => done(err))
+  })
+}
+
+export default fp(auth, { name: 'auth', fastify: '5.x', dependencies: ['problem'] })

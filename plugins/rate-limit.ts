@@ -1,0 +1,136 @@
+import fp from 'fastify-plugin'
+import rateLimitPlugin, { normalizeIP } from '@fastify/rate-limit'
+import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
+import type { RouteDefinition } from '../src/config.js'
+import { GATEHOUSE_RATE_LIMITED } from '../src/errors.js'
+import { metrics, NO_ROUTE } from '../src/metrics.js'
+import { sharedRedis } from '../src/redis.js'
+import { MemoryRateLimitStore, RedisRateLimitStore, boundedKey, type RateLimitStore } from '../src/stores/rate-limit.js'
+
+/** The ProcessState key of the counters: one store per process, so a reload keeps every count. */
+export const RATE_LIMIT_STATE_KEY = 'rate-limit-store'
+
+interface StoreResult { current: number, ttl: number }
+type Callback = (err: Error | null, res?: StoreResult) => void
+
+/**
+ * Our store in @fastify/rate-limit's store shape: `incr` reports `current` (requests counted)
+ * and `ttl` (ms until the quota is full again, or until the next admission when refused).
+ * `child` gives each limit its own key space.
+ */
+function storeAdapter (store: RateLimitStore): new (params: { scope?: string }) => unknown {
+  return class GatehouseStore {
+    readonly scope: string
+    constructor (params: { scope?: string }) {
+      this.scope = params.scope ?? 'global'
+    }
+
+    incr (key: string, cb: Callback, timeWindow: number, max: number): void {
+      store.consume(`${this.scope}:${key}`, max, timeWindow).then(
+        (r) => cb(null, r.allowed ? { current: max - r.remaining, ttl: r.resetMs } : { current: max + 1, ttl: r.retryAfterMs }),
+        (err: Error) => cb(err)
+      )
+    }
+
+    child (params: { scope?: string }): GatehouseStore {
+      return new GatehouseStore(params)
+    }
+  }
+}
+
+type Check = ReturnType<FastifyRequest['server']['createRateLimit']>
+
+interface Limiter {
+  check: Check
+  /** Keyed by who the caller is (JWT claim, API key): checked after auth, in preHandler. */
+  afterAuth: boolean
+  policy: string
+  name: string
+}
+
+/** The rate-limit key of a request; a consumer key the request lacks falls back to the client IP. */
+export function keyFunction (key: string): (request: FastifyRequest) => string {
+  const ip = (request: FastifyRequest): string => 'ip:' + normalizeIP(request.ip)
+  if (key === 'apikey') return (request) => request.consumer !== undefined ? 'key:' + request.consumer : ip(request)
+  if (key.startsWith('jwt:')) {
+    const claim = key.slice(4)
+    return (request) => {
+      const v = request.claims?.[claim]
+      return typeof v === 'string' || typeof v === 'number' ? 'jwt:' + boundedKey(String(v)) : ip(request)
+    }
+  }
+  if (key.startsWith('header:')) {
+    const name = key.slice(7).toLowerCase()
+    return (request) => {
+      const v = request.headers[name]
+      return typeof v === 'string' && v !== '' ? 'h:' + boundedKey(v) : ip(request)
+    }
+  }
+  return ip
+}
+
+/**
+ * Rate limits with @fastify/rate-limit over our GCRA store (src/stores/rate-limit.ts): counters
+ * in memory, or in Redis shared by every instance when `redis:` is configured. `rateLimit:` of
+ * gatehouse.yaml is one default bucket per client shared by every route without its own limit,
+ * the not-found handler included (probing for prefixes costs the prober); a route's `rateLimit:`
+ * is its own bucket, and `rateLimit: false` turns limiting off for it. IP- and header-keyed
+ * limits run in onRequest, before any crypto; JWT- and API-key-keyed ones in preHandler, once
+ * auth has said who the caller is. Replies carry the IETF RateLimit and RateLimit-Policy fields;
+ * a refusal is 429 problem+json with Retry-After.
+ */
+const rateLimit: FastifyPluginAsync = async function rateLimit (fastify) {
+  const { config, state, routes } = fastify.gatehouse
+  const redis = sharedRedis(config, state)
+  const store = state.get<RateLimitStore>(RATE_LIMIT_STATE_KEY, () => redis !== undefined
+    ? new RedisRateLimitStore(redis, { keyPrefix: config.redis?.keyPrefix ?? 'gatehouse:', log: fastify.log })
+    : new MemoryRateLimitStore())
+
+  await fastify.register(rateLimitPlugin, { global: false, store: storeAdapter(store) as never, skipOnError: true })
+
+  const limiters = new Map<string, Limiter | undefined>()
+  const build = (settings: { max: number, window: number, key?: string }, scope: string, name: string): Limiter => {
+    const key = settings.key ?? 'ip'
+    const check = fastify.createRateLimit({ max: settings.max, timeWindow: settings.window, keyGenerator: keyFunction(key), scope } as never)
+    return {
+      check,
+      afterAuth: key === 'apikey' || key.startsWith('jwt:'),
+      policy: `"${name}";q=${settings.max};w=${Math.max(1, Math.round(settings.window / 1000))}`,
+      name
+    }
+  }
+  const global = config.rateLimit !== undefined ? build(config.rateLimit, 'global', 'default') : undefined
+  for (const route of routes) {
+    const own = route.rateLimit
+    limiters.set(route.name, own === false ? undefined : own !== undefined ? build(own, `route:${route.name}`, route.name) : global)
+  }
+  const limiterOf = (route: RouteDefinition | undefined): Limiter | undefined => route === undefined ? global : limiters.get(route.name)
+
+  async function enforce (limiter: Limiter, request: FastifyRequest, reply: FastifyReply): Promise<void> {
+    const r = await limiter.check(request)
+    if (r.isAllowed) return
+    const seconds = Math.max(1, r.ttlInSeconds)
+    reply.header('ratelimit-policy', limiter.policy)
+    reply.header('ratelimit', `"${limiter.name}";r=${r.remaining};t=${r.isExceeded ? seconds : Math.ceil(r.ttl / 1000)}`)
+    if (r.isExceeded) {
+      metrics.rateLimited.inc({ route: request.routeOptions.config.gatehouse?.name ?? NO_ROUTE })
+      reply.header('retry-after', String(seconds))
+      throw new GATEHOUSE_RATE_LIMITED(String(seconds))
+    }
+  }
+
+  if (global === undefined && [...limiters.values()].every((l) => l === undefined)) return
+
+  fastify.addHook('onRequest', function limitByAddress (request, reply, done) {
+    const limiter = limiterOf(request.routeOptions.config.gatehouse)
+    if (limiter === undefined || limiter.afterAuth) return done()
+    enforce(limiter, request, reply).then(() => done(), done)
+  })
+  fastify.addHook('preHandler', function limitByConsumer (request, reply, done) {
+    const limiter = limiterOf(request.routeOptions.config.gatehouse)
+    if (limiter === undefined || !limiter.afterAuth) return done()
+    enforce(limiter, request, reply).then(() => done(), done)
+  })
+}
+
+export default fp(rateLimit, { name: 'rate-limit', fastify: '5.x', dependencies: ['problem'] })

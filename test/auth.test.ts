@@ -1,0 +1,164 @@
+import { test } from 'node:test'
+import assert from 'node:assert/strict'
+import { writeFileSync, mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { request } from 'undici'
+import { startGateway, startUpstream } from './helper.js'
+import { hsToken, noneToken, now, rsToken, rsaPair } from './auth-tokens.js'
+import { registry } from '../src/metrics.js'
+
+const SECRET = 'a-test-secret-that-is-at-least-32-characters'
+
+interface Problem { code: string, status: number, detail: string }
+
+async function authFailures (route: string, reason: string): Promise<number> {
+  const m = await registry.getSingleMetric('gatehouse_auth_failures_total')?.get()
+  return m?.values.find((v) => v.labels.route === route && v.labels.reason === reason)?.value ?? 0
+}
+
+test('HS256 JWT: valid tokens pass, every kind of bad token is refused with 401 and never forwarded', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, {
+    config: { jwt: { secret: SECRET, issuer: 'https://idp.test', audience: 'orders' } },
+    routes: {
+      orders: { match: { prefix: '/orders' }, upstream: { targets: [{ url: up.url }] }, auth: { jwt: { claimsToHeaders: { sub: 'x-user-id', tenant: 'x-tenant' } } } },
+      open: { match: { prefix: '/open' }, upstream: { targets: [{ url: up.url }] } }
+    }
+  })
+  const good = { sub: 'alice', iss: 'https://idp.test', aud: 'orders', exp: now() + 600, tenant: 't1' }
+  const get = async (token: string | undefined, extra: Record<string, string> = {}) => {
+    const res = await request(`${gw.url}/orders/list`, { headers: { ...(token !== undefined ? { authorization: `Bearer ${token}` } : {}), ...extra } })
+    const body = await res.body.json() as Problem & { headers: Record<string, string> }
+    return { status: res.statusCode, headers: res.headers, body }
+  }
+
+  const ok = await get(hsToken(SECRET, good), { 'x-user-id': 'mallory', 'X-Tenant': 'evil' })
+  assert.equal(ok.status, 200)
+  // claimsToHeaders: the client's forged headers were replaced by the claims.
+  assert.equal(ok.body.headers['x-user-id'], 'alice')
+  assert.equal(ok.body.headers['x-tenant'], 't1')
+  assert.equal(up.received.length, 1)
+
+  const cases: Array<[string, string | undefined, string]> = [
+    ['missing token', undefined, 'missing'],
+    ['alg none', noneToken(good), 'algorithm'],
+    ['alg none with a forged signature part', noneToken(good) + 'abc', 'algorithm'],
+    ['wrong secret', hsToken('another-secret-that-is-also-32-chars-long!', good), 'invalid'],
+    ['expired', hsToken(SECRET, { ...good, exp: now() - 3600 }), 'expired'],
+    ['nbf in the future', hsToken(SECRET, { ...good, nbf: now() + 3600 }), 'not_yet_valid'],
+    ['wrong audience', hsToken(SECRET, { ...good, aud: 'billing' }), 'invalid'],
+    ['no audience at all', hsToken(SECRET, { sub: 'alice', iss: 'https://idp.test', exp: now() + 600 }), 'invalid'],
+    ['wrong issuer', hsToken(SECRET, { ...good, iss: 'https://evil.test' }), 'invalid'],
+    ['HS512 is fine but tampered payload', hsToken(SECRET, good).replace(/\.[^.]+\./, `.${Buffer.from(JSON.stringify({ ...good, sub: 'root' })).toString('base64url')}.`), 'invalid'],
+    ['garbage', 'not-a-jwt', 'invalid']
+  ]
+  for (const [name, token, reason] of cases) {
+    const before = await authFailures('orders', reason)
+    const r = await get(token, { 'x-user-id': 'mallory' })
+    assert.equal(r.status, 401, name)
+    assert.equal(r.body.code, 'GATEHOUSE_UNAUTHORIZED', name)
+    assert.match(String(r.headers['content-type']), /application\/problem\+json/, name)
+    assert.match(String(r.headers['www-authenticate']), /^Bearer realm="gatehouse"/, name)
+    assert.equal(await authFailures('orders', reason), before + 1, `${name}: counted as ${reason}`)
+    assert.doesNotMatch(JSON.stringify(r.body), /secret|mallory/i, name)
+  }
+  assert.equal(up.received.length, 1, 'no refused request reached the upstream')
+
+  // A token in the query string or another scheme is not a bearer token.
+  const basic = await request(`${gw.url}/orders/list`, { headers: { authorization: `Basic ${hsToken(SECRET, good)}` } })
+  assert.equal(basic.statusCode, 401)
+  await basic.body.dump()
+  // Within the clock skew (30 s by default) an exp just passed is still accepted.
+  const skewed = await get(hsToken(SECRET, { ...good, exp: now() - 5 }))
+  assert.equal(skewed.status, 200)
+
+  // The unprotected route strips nothing the client sends and asks for nothing.
+  const open = await request(`${gw.url}/open/x`, { headers: { 'x-user-id': 'whoever' } })
+  assert.equal(open.statusCode, 200)
+  assert.equal((await open.body.json() as { headers: Record<string, string> }).headers['x-user-id'], 'whoever')
+})
+
+test('requireClaims: a valid token without the claim gets 403 insufficient_scope; the cookie route reads its cookie only', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, {
+    config: { jwt: { secret: SECRET } },
+    routes: {
+      admin: { match: { prefix: '/admin' }, upstream: { targets: [{ url: up.url }] }, auth: { jwt: { requireClaims: { scope: 'admin:write', email_verified: true } } } },
+      web: { match: { prefix: '/web' }, upstream: { targets: [{ url: up.url }] }, auth: { jwt: { cookie: 'session' } } },
+      api: { match: { prefix: '/api' }, upstream: { targets: [{ url: up.url }] }, auth: { jwt: true } }
+    }
+  })
+  const base = { sub: 'bob', exp: now() + 600 }
+  const call = async (path: string, headers: Record<string, string>) => {
+    const res = await request(`${gw.url}${path}`, { headers })
+    const body = await res.body.json() as Problem
+    return { status: res.statusCode, body, headers: res.headers }
+  }
+  const weak = await call('/admin/x', { authorization: `Bearer ${hsToken(SECRET, { ...base, scope: 'admin:read', email_verified: true })}` })
+  assert.equal(weak.status, 403)
+  assert.equal(weak.body.code, 'GATEHOUSE_FORBIDDEN')
+  assert.match(String(weak.headers['www-authenticate']), /error="insufficient_scope"/)
+  const unverified = await call('/admin/x', { authorization: `Bearer ${hsToken(SECRET, { ...base, scope: 'admin:write' })}` })
+  assert.equal(unverified.status, 403)
+  const strong = await call('/admin/x', { authorization: `Bearer ${hsToken(SECRET, { ...base, scope: 'admin:read admin:write', email_verified: true })}` })
+  assert.equal(strong.status, 200)
+
+  const token = hsToken(SECRET, base)
+  assert.equal((await call('/web/x', { cookie: `theme=dark; session=${token}` })).status, 200)
+  assert.equal((await call('/web/x', { cookie: 'session=' })).status, 401)
+  // A route that names no cookie never takes a token from one.
+  assert.equal((await call('/api/x', { cookie: `session=${token}` })).status, 401)
+  assert.equal(up.received.length, 2)
+})
+
+test('RS256 with a public key file: HS256 signed with the public key (algorithm confusion) is refused', async (t) => {
+  const up = await startUpstream(t)
+  const { privateKey, publicPem } = rsaPair()
+  const dir = mkdtempSync(join(tmpdir(), 'gatehouse-key-'))
+  t.after(() => rmSync(dir, { recursive: true, force: true }))
+  writeFileSync(join(dir, 'jwt.pem'), publicPem)
+  const gw = await startGateway(t, {
+    config: { jwt: { publicKey: join(dir, 'jwt.pem'), algorithms: ['RS256'] } },
+    routes: { svc: { match: { prefix: '/svc' }, upstream: { targets: [{ url: up.url }] }, auth: { jwt: true } } }
+  })
+  const payload = { sub: 'carol', exp: now() + 600 }
+  const ok = await request(`${gw.url}/svc`, { headers: { authorization: `Bearer ${rsToken(privateKey, payload)}` } })
+  assert.equal(ok.statusCode, 200)
+  await ok.body.dump()
+  for (const token of [hsToken(publicPem, payload), hsToken(publicPem.trim(), payload), noneToken(payload)]) {
+    const res = await request(`${gw.url}/svc`, { headers: { authorization: `Bearer ${token}` } })
+    assert.equal(res.statusCode, 401)
+    await res.body.dump()
+  }
+  assert.equal(up.received.length, 1)
+})
+
+test('API keys: the consumer name is forwarded instead of the key, a forged consumer header is dropped', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, {
+    config: { apiKeys: { header: 'x-api-key', keys: { 'mobile-app': '${MOBILE_KEY}', partner: 'partner-key-0123456789' } } },
+    env: { MOBILE_KEY: 'mobile-key-abcdefghij' },
+    routes: {
+      svc: { match: { prefix: '/svc' }, upstream: { targets: [{ url: up.url }] }, auth: { apiKey: true } },
+      open: { match: { prefix: '/open' }, upstream: { targets: [{ url: up.url }] } }
+    }
+  })
+  const res = await request(`${gw.url}/svc/a`, { headers: { 'x-api-key': 'mobile-key-abcdefghij', 'x-gatehouse-consumer': 'partner' } })
+  assert.equal(res.statusCode, 200)
+  const seen = (await res.body.json() as { headers: Record<string, string> }).headers
+  assert.equal(seen['x-gatehouse-consumer'], 'mobile-app')
+  assert.equal(seen['x-api-key'], undefined, 'the key itself stays at the gateway')
+
+  for (const headers of [{}, { 'x-api-key': 'mobile-key-abcdefghiJ' }, { 'x-api-key': 'mobile' }, { 'x-api-key': '' }]) {
+    const r = await request(`${gw.url}/svc/a`, { headers })
+    assert.equal(r.statusCode, 401)
+    const body = await r.body.json() as Problem
+    assert.equal(body.code, 'GATEHOUSE_UNAUTHORIZED')
+    assert.match(String(r.headers['www-authenticate']), /ApiKey/)
+  }
+  assert.equal(up.received.length, 1)
+  // On a route without auth a client cannot pretend to be a consumer either.
+  const open = await request(`${gw.url}/open`, { headers: { 'x-gatehouse-consumer': 'partner' } })
+  assert.equal((await open.body.json() as { headers: Record<string, string> }).headers['x-gatehouse-consumer'], undefined)
+})
