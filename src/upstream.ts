@@ -7,8 +7,10 @@ import { Agent, type Dispatcher } from 'undici'
 import type { GatewayConfig, RouteDefinition } from './config.js'
 import { normalizePrefix } from './config.js'
 import { upstreamPath } from './path.js'
-import { RoundRobin, Target, type Balancer } from './balancer/index.js'
+import { HealthChecker, Target, UpstreamPool, type AttemptResult, type FailureKind } from './balancer/index.js'
+import { metrics } from './metrics.js'
 import * as errors from './errors.js'
+import { isWebSocketUpgrade, proxyWebSocket } from './websocket.js'
 
 /** Request headers that concern one connection only (RFC 9110 §7.6.1), never forwarded. */
 const HOP_BY_HOP_REQUEST = ['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-authorization', 'http2-settings']
@@ -26,6 +28,8 @@ export interface UpstreamState {
   path?: string
   /** The reason of a gateway-made error, for the access log. */
   error?: string
+  /** A small request body kept for replay (POST with Idempotency-Key on a route that opts in). */
+  body?: Buffer
   /** The client's response, whose early close aborts the upstream request. */
   res: ServerResponse
 }
@@ -42,25 +46,33 @@ declare module 'fastify' {
 
 const kRequest = Symbol('gatehouse.request')
 
+/** The target label of requests that reached no target (every circuit open). */
+const NO_TARGET = '(none)'
+
 type HeadersWithRequest = IncomingHttpHeaders & { [kRequest]?: FastifyRequest }
 
-/** Aborts the upstream request when the client goes away before its response is complete. */
+/**
+ * Aborts the upstream request when the client goes away before its response is complete. One
+ * serves every attempt of a request: undici may remove an old attempt's listener after the next
+ * attempt added its own, so listeners are kept by identity.
+ */
 class ClientGone {
   aborted = false
-  private listener: (() => void) | undefined
+  private readonly listeners = new Set<() => void>()
 
   constructor (res: ServerResponse) {
     res.once('close', () => {
       if (!res.writableFinished) {
         this.aborted = true
-        this.listener?.()
+        for (const fn of [...this.listeners]) fn()
+        this.listeners.clear()
       }
     })
   }
 
-  on (_event: 'abort', fn: () => void): void { this.listener = fn }
-  once (_event: 'abort', fn: () => void): void { this.listener = fn }
-  removeListener (_event: 'abort', _fn: () => void): void { this.listener = undefined }
+  on (_event: 'abort', fn: () => void): void { this.listeners.add(fn) }
+  once (_event: 'abort', fn: () => void): void { this.listeners.add(fn) }
+  removeListener (_event: 'abort', fn: () => void): void { this.listeners.delete(fn) }
 }
 
 /** Counts a streamed request body and fails it past the limit: a pass-through parser skips bodyLimit. */
@@ -102,6 +114,35 @@ export function mapUpstreamError (err: unknown): Error {
   return new errors.GATEHOUSE_UPSTREAM_BAD_RESPONSE()
 }
 
+/** How an attempt failed, for passive health, the breaker and the retry decision; undefined when the client went away. */
+export function failureKind (err: unknown): FailureKind | undefined {
+  let e: unknown = err
+  for (let depth = 0; depth < 5 && e instanceof Error; depth++) {
+    const code = (e as NodeJS.ErrnoException).code ?? ''
+    if (code === 'UND_ERR_ABORTED' || code === 'GATEHOUSE_PAYLOAD_TOO_LARGE') return undefined
+    if (connectCodes.has(code) || dnsCodes.has(code) || code === 'UND_ERR_CONNECT_TIMEOUT') return 'connect'
+    if (code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT' || code === 'ETIMEDOUT') return 'timeout'
+    if (resetCodes.has(code)) return 'reset'
+    e = e.cause
+  }
+  return 'other'
+}
+
+/** Retry-After (seconds or an HTTP date) in ms from now, capped at five minutes; undefined when absent or invalid. */
+export function retryAfterMs (value: string | string[] | undefined, now = Date.now()): number | undefined {
+  const v = Array.isArray(value) ? value[0] : value
+  if (v === undefined || v === '') return undefined
+  const ms = /^\d+$/.test(v) ? Number(v) * 1000 : Date.parse(v) - now
+  return Number.isFinite(ms) ? Math.min(Math.max(ms, 0), 300_000) : undefined
+}
+
+/** Methods retried by default: those RFC 9110 calls idempotent, less TRACE. */
+const IDEMPOTENT = ['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE']
+/** Upstream statuses that mean "this target cannot serve now": another one may. */
+const RETRY_STATUS = new Set([502, 503, 504])
+/** The largest body kept in memory for a replay (POST with Idempotency-Key on a route that opts in). */
+const MAX_REPLAY_BODY = 64 * 1024
+
 function readMaybe (path: string | undefined): Buffer | undefined {
   return path === undefined ? undefined : readFileSync(path)
 }
@@ -110,8 +151,6 @@ export interface UpstreamContext {
   gateway: GatewayConfig
   /** Whether an address is one of the trusted proxies (trustProxy). */
   trusted: (address: string) => boolean
-  /** The balancer factory; the default round-robin keeps the core free of the balancing module. */
-  createBalancer?: (route: RouteDefinition, targets: Target[]) => Balancer
 }
 
 /**
@@ -125,14 +164,27 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
   const prefix = normalizePrefix(route.match.prefix)
   const rewrite = route.rewrite?.prefix ?? '/'
   const bodyLimit = route.bodyLimit ?? ctx.gateway.limits.bodyLimit
-  const targets = up.targets.map((t) => new Target(t.url, t.weight))
-  const balancer = ctx.createBalancer?.(route, targets) ?? new RoundRobin(targets)
+  const pool = new UpstreamPool(route.name, up, up.targets.map((t) => new Target(t.url, t.weight)))
+  const retries = up.retries
+  const retryMethods = new Set(retries.methods ?? IDEMPOTENT)
+  const backoff = retries.backoff ?? 25
+  // Each attempt may take timeouts.response; all of them together at most twice that, so one
+  // hanging target costs a client one timeout and the retry still gets a full chance.
+  const deadlineMs = up.timeouts.response * (retries.attempts > 0 ? 2 : 1)
   const requestSet = Object.entries(route.headers?.request?.set ?? {}).map(([k, v]) => [k.toLowerCase(), v] as const)
   const requestRemove = (route.headers?.request?.remove ?? []).map((h) => h.toLowerCase())
   const responseSet = Object.entries(route.headers?.response?.set ?? {}).map(([k, v]) => [k.toLowerCase(), v] as const)
   const responseRemove = (route.headers?.response?.remove ?? []).map((h) => h.toLowerCase())
   const tls = up.tls
 
+  const connect = {
+    timeout: up.timeouts.connect,
+    rejectUnauthorized: tls?.rejectUnauthorized ?? true,
+    ca: readMaybe(tls?.ca),
+    cert: readMaybe(tls?.cert),
+    key: readMaybe(tls?.key),
+    ...(tls?.servername !== undefined ? { servername: tls.servername } : {})
+  }
   const agent = new Agent({
     connections: up.connections,
     pipelining: 1,
@@ -140,33 +192,95 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     keepAliveMaxTimeout: up.keepAliveTimeout,
     headersTimeout: up.timeouts.response,
     bodyTimeout: up.timeouts.idle ?? up.timeouts.response,
-    connect: {
-      timeout: up.timeouts.connect,
-      rejectUnauthorized: tls?.rejectUnauthorized ?? true,
-      ca: readMaybe(tls?.ca),
-      cert: readMaybe(tls?.cert),
-      key: readMaybe(tls?.key),
-      ...(tls?.servername !== undefined ? { servername: tls.servername } : {})
-    }
+    connect
   })
+  // Probes get their own small pool: a target whose pool is full of slow requests is still probed.
+  const probeAgent = up.healthCheck !== undefined ? new Agent({ connections: 1, pipelining: 1, connect }) : undefined
+
+  /** Whether a failed attempt may be sent again to another target; which one, or undefined. */
+  function retryTarget (request: FastifyRequest, opts: Dispatcher.RequestOptions, state: UpstreamState, kind: FailureKind | undefined, tried: ReadonlySet<Target>, remaining: number): Target | undefined {
+    if (kind === undefined || state.attempts >= 1 + retries.attempts) return undefined
+    // A streamed body is gone once sent; only an absent or a kept body can be sent again.
+    const body = opts.body
+    const replayable = body === undefined || body === null || body === '' || Buffer.isBuffer(body)
+    if (!replayable) return undefined
+    // A refused connection never reached the upstream: safe for any method. Anything else may
+    // have, so only idempotent methods (or a kept POST with Idempotency-Key) go again.
+    if (kind !== 'connect') {
+      const keyed = state.body !== undefined && retries.idempotencyKey === true && request.headers['idempotency-key'] !== undefined
+      if (!retryMethods.has(opts.method) && !keyed) return undefined
+    }
+    if (remaining < backoff * 2 ** state.attempts + Math.min(100, up!.timeouts.response)) return undefined
+    const next = pool.pick(request, tried)
+    if (next === undefined || !pool.budget.tryRetry(Date.now())) return undefined
+    return next
+  }
 
   // reply-from calls `request` synchronously from reply.from(); the Fastify request travels to it
   // on a symbol-keyed header (reply-from copies headers with Object.assign, symbols included).
+  // Retries happen here, below reply-from: every attempt and its result pass through this one
+  // place, and a failed attempt's status and headers never reach the client's reply.
   const dispatcher = {
     request (opts: Dispatcher.RequestOptions & { headers: HeadersWithRequest }, cb: (err: Error | null, res?: Dispatcher.ResponseData) => void): void {
       const request = opts.headers[kRequest] as FastifyRequest
       delete opts.headers[kRequest]
       const state = request.upstream as UpstreamState
-      const target = state.target as Target
-      const started = performance.now()
-      target.inflight++
-      opts.signal = new ClientGone(state.res) as unknown as AbortSignal
+      const gone = new ClientGone(state.res)
+      opts.signal = gone as unknown as AbortSignal
       if (state.path !== undefined) opts.path = state.path
-      agent.request(opts, (err, res) => {
-        target.inflight--
-        state.upstreamMs = performance.now() - started
-        cb(err, res)
-      })
+      if (state.body !== undefined) opts.body = state.body
+      const deadline = performance.now() + deadlineMs
+      const tried = new Set<Target>()
+
+      const attempt = (target: Target): void => {
+        const previous = state.target
+        state.target = target
+        tried.add(target)
+        opts.origin = target.origin
+        // The Host reply-from set is the first target's; a Host the route chose stays.
+        if (previous !== undefined && previous !== target && opts.headers.host === previous.host) opts.headers.host = target.host
+        const started = performance.now()
+        opts.headersTimeout = Math.max(1, Math.min(up!.timeouts.response, deadline - started))
+        const admission = pool.started(target)
+        agent.request(opts, (err, res) => {
+          const now = performance.now()
+          state.upstreamMs = now - started
+          const labels = pool.labels(target)
+          let result: AttemptResult | null
+          if (res !== undefined) {
+            metrics.upstreamDuration.observe(labels, state.upstreamMs / 1000)
+            result = res.statusCode >= 500 ? { ok: false, kind: 'status', status: res.statusCode } : { ok: true }
+          } else {
+            const kind = failureKind(err)
+            result = kind === undefined ? null : { ok: false, kind }
+          }
+          pool.finished(target, admission, result)
+          if (result !== null && !result.ok && !gone.aborted && (res === undefined || RETRY_STATUS.has(res.statusCode))) {
+            if (res !== undefined) {
+              const wait = retryAfterMs(res.headers['retry-after'])
+              if (wait !== undefined) pool.backOff(target, Date.now() + wait)
+            }
+            const next = retryTarget(request, opts, state, result.kind, tried, deadline - now)
+            if (next !== undefined) {
+              metrics.upstreamRequests.inc({ ...labels, outcome: 'retried' })
+              // The failed response's body is read away (or the connection dropped past 64 KiB).
+              if (res !== undefined) res.body.dump({ limit: 65536 }).catch(() => {})
+              state.attempts++
+              const base = backoff * 2 ** (state.attempts - 2)
+              const timer = setTimeout(() => {
+                if (gone.aborted) cb(Object.assign(new Error('the client went away'), { code: 'UND_ERR_ABORTED' }))
+                else attempt(next)
+              }, base / 2 + Math.random() * base)
+              timer.unref()
+              return
+            }
+          }
+          const outcome = result === null ? 'error' : result.ok ? 'ok' : result.kind === 'timeout' ? 'timeout' : 'error'
+          metrics.upstreamRequests.inc({ ...labels, outcome })
+          cb(err, res)
+        })
+      }
+      attempt(state.target as Target)
     }
   }
 
@@ -206,6 +320,14 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     reply.send(mapped)
   }
 
+  /** Bodies kept for replay, by request, from the body parser to the handler. */
+  const kept = new WeakMap<FastifyRequest, Buffer>()
+  function keepForReplay (request: FastifyRequest): boolean {
+    if (retries.idempotencyKey !== true || retries.attempts === 0 || request.method !== 'POST' || request.headers['idempotency-key'] === undefined) return false
+    const length = Number(request.headers['content-length'])
+    return Number.isInteger(length) && length <= Math.min(MAX_REPLAY_BODY, bodyLimit)
+  }
+
   const fromOptions = {
     getUpstream: (request: FastifyRequest) => (request.upstream as UpstreamState).target?.origin ?? '',
     rewriteRequestHeaders,
@@ -223,29 +345,52 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     })
     fastify.removeAllContentTypeParsers()
     fastify.addContentTypeParser('*', function passThrough (request, payload, done) {
+      if (keepForReplay(request)) {
+        readAll(payload as Readable).then((body) => { kept.set(request, body); done(null, undefined) }, (err: Error) => done(err, undefined))
+        return
+      }
       // A declared length over the limit was refused in onRequest; a chunked body is counted.
       if (request.headers['content-length'] !== undefined) done(null, payload)
       else done(null, (payload as Readable).pipe(new BodyLimit(bodyLimit)))
     })
-    fastify.addHook('onClose', async () => { await agent.close() })
-    fastify.gatehouse.upstreams.set(route.name, balancer)
+    const health = probeAgent !== undefined && up.healthCheck !== undefined
+      ? new HealthChecker(pool, up.healthCheck, probeAgent, fastify.log)
+      : undefined
+    // Probes run while this version of the route table runs: from ready until its close.
+    fastify.addHook('onReady', async () => { health?.start() })
+    fastify.addHook('onClose', async () => {
+      health?.stop()
+      pool.close()
+      await Promise.all([agent.close(), probeAgent?.close()])
+    })
+    fastify.gatehouse.upstreams.set(route.name, pool)
 
     if (route.plugin !== undefined) await fastify.register(route.plugin)
 
     const handler = function forward (this: FastifyInstance, request: FastifyRequest, reply: FastifyReply): void {
-      const state: UpstreamState = { route: route.name, attempts: 1, res: reply.raw }
+      const state: UpstreamState = { route: route.name, attempts: 1, res: reply.raw, body: kept.get(request) }
       request.upstream = state
-      state.target = balancer.pick(request)
+      const now = Date.now()
+      pool.budget.request(now)
+      state.target = pool.pick(request)
       if (state.target === undefined) {
-        state.error = 'GATEHOUSE_NO_HEALTHY_UPSTREAM'
-        reply.header('retry-after', '5')
-        reply.send(new errors.GATEHOUSE_NO_HEALTHY_UPSTREAM())
+        const why = pool.unavailable(now)
+        state.error = why.circuit ? 'GATEHOUSE_CIRCUIT_OPEN' : 'GATEHOUSE_NO_HEALTHY_UPSTREAM'
+        if (why.circuit) metrics.upstreamRequests.inc({ route: route.name, target: NO_TARGET, outcome: 'circuit_open' })
+        reply.header('retry-after', String(why.retryAfter))
+        reply.send(why.circuit ? new errors.GATEHOUSE_CIRCUIT_OPEN() : new errors.GATEHOUSE_NO_HEALTHY_UPSTREAM())
         return
       }
       // reply-from re-encodes the path with WHATWG URL rules ({ } " ` < > become escapes) and
       // refuses segments such as `...`: the dispatcher sends this exact, already normalized target.
       const q = request.url.indexOf('?')
       state.path = upstreamPath(request.url, prefix, rewrite) + (q === -1 ? '' : request.url.slice(q))
+      if (route.websocket && isWebSocketUpgrade(request.raw)) {
+        const headers = rewriteRequestHeaders(request, { ...request.headers }) as HeadersWithRequest
+        delete headers[kRequest]
+        proxyWebSocket(request, reply, { route, target: state.target, path: state.path, headers, tls: connect, onError: (error) => onError(reply, { error }) })
+        return
+      }
       reply.from('/', fromOptions)
     }
 
@@ -271,6 +416,12 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
       }
     }
   }
+}
+
+async function readAll (stream: Readable): Promise<Buffer> {
+  const chunks: Buffer[] = []
+  for await (const chunk of stream) chunks.push(chunk as Buffer)
+  return Buffer.concat(chunks)
 }
 
 /** `/orders` serves `/orders` and `/orders/...`, never `/ordersx`. */

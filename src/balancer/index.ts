@@ -1,33 +1,12 @@
-import type { FastifyRequest } from 'fastify'
-import { Target } from './target.js'
-
-export { Target }
-
-/** Picks a target for a request among the route's available targets. */
-export interface Balancer {
-  readonly targets: readonly Target[]
-  /** A target other than those in `exclude`, or undefined when none is available. */
-  pick (request: FastifyRequest, exclude?: ReadonlySet<Target>): Target | undefined
-}
-
-export class RoundRobin implements Balancer {
-  readonly targets: readonly Target[]
-  private next = 0
-
-  constructor (targets: readonly Target[]) {
-    this.targets = targets
-  }
-
-  pick (_request: FastifyRequest, exclude?: ReadonlySet<Target>): Target | undefined {
-    const n = this.targets.length
-    const now = Date.now()
-    for (let i = 0; i < n; i++) {
-      const t = this.targets[(this.next + i) % n]
-      if (t.available(now) && (exclude === undefined || !exclude.has(t))) {
-        this.next = (this.next + i + 1) % n
-        return t
-      }
-    }
-    return undefined
-  }
-}
+export { Target, type FailureKind, type CheckResult } from './target.js'
+export type { Algorithm } from './algorithm.js'
+export { RoundRobin } from './round-robin.js'
+export { Weighted } from './weighted.js'
+export { LeastConnections } from './least-connections.js'
+export { PowerOfTwo } from './p2c.js'
+export { Random } from './random.js'
+export { ConsistentHash, HashRing, hashKeyOf } from './consistent-hash.js'
+export { CircuitBreaker, type BreakerOptions, type CircuitState } from './breaker.js'
+export { RetryBudget } from './budget.js'
+export { HealthChecker } from './health.js'
+export { UpstreamPool, createAlgorithm, type Balancer, type AttemptResult, type TargetStatus, type RouteUpstreamStatus } from './pool.js'
