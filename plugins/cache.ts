@@ -69,7 +69,7 @@ export function cacheStore (config: GatewayConfig, state: ProcessState): CacheSt
   return state.get<CacheStore>('cache-store', () => {
     const redis = config.cache.store === 'redis' ? sharedRedis(config, state) : undefined
     if (config.cache.store === 'redis' && redis === undefined) throw new Error('cache.store: redis needs `redis:` in gatehouse.yaml')
-    return redis !== undefined ? new RedisCacheStore(redis, config.redis?.keyPrefix ?? 'gatehouse:') : new MemoryCacheStore(config.cache.maxBytes)
+    return redis !== undefined ? new RedisCacheStore(redis, config.redis?.keyPrefix ?? 'gatehouse:', config.redis?.connectTimeout) : new MemoryCacheStore(config.cache.maxBytes)
   }, async (store) => { await store.close() })
 }
 

@@ -10,10 +10,20 @@ import { decodeEntry, encodeEntry } from '../cache/store.js'
 export class RedisCacheStore implements CacheStore {
   private readonly redis: Redis
   private readonly prefix: string
+  private readonly connected: Promise<void>
 
-  constructor (redis: Redis, keyPrefix: string) {
+  constructor (redis: Redis, keyPrefix: string, connectTimeout = 2000) {
     this.redis = redis
     this.prefix = keyPrefix + 'cache:'
+    // The shared client has no offline queue: commands sent before the first connection fail.
+    // Until then (bounded), a command waits for it; after it, an outage fails commands at once.
+    this.connected = redis.status === 'ready'
+      ? Promise.resolve()
+      : new Promise<void>((resolve) => {
+        const timer = setTimeout(done, connectTimeout)
+        function done (): void { clearTimeout(timer); redis.off('ready', done); resolve() }
+        redis.once('ready', done)
+      })
   }
 
   private key (primary: string): string { return this.prefix + 'u:' + primary }
@@ -21,6 +31,7 @@ export class RedisCacheStore implements CacheStore {
 
   async get (key: string): Promise<CachedEntry[]> {
     let fields: Record<string, Buffer>
+    await this.connected
     try {
       fields = await this.redis.hgetallBuffer(this.key(key))
     } catch {
@@ -37,6 +48,7 @@ export class RedisCacheStore implements CacheStore {
   async set (key: string, entry: CachedEntry, ttl: number): Promise<void> {
     const k = this.key(key)
     const ms = Math.max(1000, Math.ceil(ttl))
+    await this.connected
     try {
       // PEXPIRE ... GT keeps the longest TTL of the variants; a new hash has none, so set it first.
       await this.redis.multi()
@@ -51,6 +63,7 @@ export class RedisCacheStore implements CacheStore {
   }
 
   async delete (key: string): Promise<number> {
+    await this.connected
     try {
       return await this.redis.del(this.key(key))
     } catch {
@@ -61,6 +74,7 @@ export class RedisCacheStore implements CacheStore {
   async purgeRoute (route: string): Promise<number> {
     const rk = this.routeKey(route)
     let removed = 0
+    await this.connected
     try {
       let cursor = '0'
       do {
