@@ -10,6 +10,7 @@ import { metrics } from '../src/metrics.js'
 import * as errors from '../src/errors.js'
 import type { CacheStore, CachedEntry } from '../src/cache/store.js'
 import { Collapser } from '../src/cache/collapse.js'
+import { negotiate, precompress, precompressible } from '../src/cache/encoding.js'
 import { MemoryCacheStore } from '../src/stores/cache-memory.js'
 import { RedisCacheStore } from '../src/stores/cache-redis.js'
 import {
@@ -198,6 +199,20 @@ const cache: FastifyPluginAsync = async function cache (fastify: FastifyInstance
       reply.removeHeader('content-type')
       return reply.code(304).send()
     }
+    // A stored compressed copy for the client's preferred coding: no compression per hit.
+    const coding = entry.encoded !== undefined && ctx.route.compress !== false && request.headers['x-no-compression'] === undefined
+      ? negotiate(request.headers['accept-encoding'], config.compress.encodings)
+      : undefined
+    const encoded = coding === 'br' || coding === 'gzip' ? entry.encoded?.[coding] : undefined
+    if (coding !== undefined && encoded !== undefined) {
+      reply.header('content-encoding', coding)
+      const vary = reply.getHeader('vary')
+      if (vary === undefined) reply.header('vary', 'accept-encoding')
+      else if (!/accept-encoding/i.test(String(vary))) reply.header('vary', `${String(vary)}, accept-encoding`)
+      const etag = reply.getHeader('etag')
+      if (typeof etag === 'string' && !etag.startsWith('W/')) reply.header('etag', 'W/' + etag)
+      return reply.code(entry.status).send(encoded)
+    }
     return reply.code(entry.status).send(entry.body)
   }
 
@@ -346,6 +361,7 @@ const cache: FastifyPluginAsync = async function cache (fastify: FastifyInstance
     if (ctx.revalidating && entry !== undefined && status === 304) {
       const headers = mergeHeaders(entry.headers, upstreamHeaders)
       const refreshed = describe(ctx, entry.status, headers, entry.body, responseTime, request)
+      if (entry.encoded !== undefined) refreshed.encoded = entry.encoded
       drain(payload)
       await save(ctx, refreshed)
       ctx.release?.()
@@ -466,6 +482,24 @@ const cache: FastifyPluginAsync = async function cache (fastify: FastifyInstance
       await store.set(ctx.key, entry, keep)
     } catch {
       // A failed store costs a later miss, never this response.
+      return
+    }
+    if (ctx.route.compress !== false && entry.encoded === undefined &&
+        precompressible(entry.status, entry.headers, entry.body.length, config.compress.threshold)) {
+      // Off the response path: the first client already has its bytes.
+      void addEncodings(ctx.key, entry, keep)
+    }
+  }
+
+  async function addEncodings (key: string, entry: CachedEntry, keep: number): Promise<void> {
+    try {
+      const encoded = await precompress(entry.body)
+      // Only if the entry is still the one we stored (not purged, invalidated or replaced).
+      const current = (await store.get(key)).find((e) => e.variant === entry.variant)
+      if (current?.responseTime !== entry.responseTime) return
+      await store.set(key, { ...current, encoded }, keep - (Date.now() - entry.responseTime))
+    } catch {
+      // Hits keep compressing on the way out.
     }
   }
 

@@ -5,7 +5,9 @@ import http from 'node:http'
 import { createHash } from 'node:crypto'
 import { once } from 'node:events'
 import { request } from 'undici'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { startGateway, startUpstream } from './helper.js'
+import { cacheStore } from '../plugins/cache.js'
 
 const JSON_BODY = JSON.stringify(Array.from({ length: 300 }, (_, i) => ({ id: i, name: `item number ${i}`, tags: ['a', 'b', 'c'] })))
 
@@ -204,7 +206,7 @@ test('a gzip-encoded upload is forwarded byte for byte (no request decompression
   assert.equal(got.sha, createHash('sha256').update(body).digest('hex'))
 })
 
-test('a cached route stores the identity body once and compresses each hit for its client', async (t) => {
+test('a cached route stores the identity body and br/gzip copies made once; hits send the stored bytes', async (t) => {
   const up = await startUpstream(t, (_req, res) => {
     res.writeHead(200, { 'content-type': 'application/json', 'cache-control': 'max-age=60' })
     res.end(JSON_BODY)
@@ -213,7 +215,13 @@ test('a cached route stores the identity body once and compresses each hit for i
   const miss = await fetchRaw(`${gw.url}/svc/c`, { 'accept-encoding': 'gzip' })
   assert.equal(miss.headers['x-cache'], 'MISS')
   assert.equal(zlib.gunzipSync(miss.body).toString(), JSON_BODY)
+  // br and gzip copies are made once, off the response path, and stored with the entry.
+  const store = cacheStore(gw.gateway.config, gw.gateway.state)
+  for (let i = 0; i < 100 && (await store.get('/svc/c'))[0]?.encoded === undefined; i++) await sleep(20)
+  const encoded = (await store.get('/svc/c'))[0].encoded
+  assert.equal(zlib.gunzipSync(encoded?.gzip as Buffer).toString(), JSON_BODY)
   const br = await fetchRaw(`${gw.url}/svc/c`, { 'accept-encoding': 'br' })
+  assert.deepEqual(br.body, encoded?.br, 'the stored br copy is sent')
   assert.equal(br.headers['x-cache'], 'HIT')
   assert.equal(br.headers['content-encoding'], 'br')
   assert.equal(zlib.brotliDecompressSync(br.body).toString(), JSON_BODY)
@@ -221,4 +229,16 @@ test('a cached route stores the identity body once and compresses each hit for i
   assert.equal(identity.headers['x-cache'], 'HIT')
   assert.equal(identity.body.toString(), JSON_BODY)
   assert.equal(up.received.length, 1)
+})
+
+test('Accept-Encoding negotiation of stored copies follows q-values, * and x-gzip', async () => {
+  const { negotiate } = await import('../src/cache/encoding.js')
+  const offered = ['br', 'gzip', 'deflate']
+  assert.equal(negotiate('gzip;q=0.5, br;q=0.9', offered), 'br')
+  assert.equal(negotiate('br;q=0.1, gzip', offered), 'gzip')
+  assert.equal(negotiate('gzip, br', offered), 'br', 'a tie goes to the first offered coding')
+  assert.equal(negotiate('x-gzip', offered), 'gzip')
+  assert.equal(negotiate('*;q=0.5, br;q=0', offered), 'gzip')
+  assert.equal(negotiate('identity', offered), undefined)
+  assert.equal(negotiate(undefined, offered), undefined)
 })

@@ -20,6 +20,8 @@ export interface CachedEntry {
   /** How long after going stale it may still be served (stale-while-revalidate / stale-if-error), ms. */
   staleWhileRevalidate: number
   staleIfError: number
+  /** The body precompressed for the common encodings, added after the entry is first stored. */
+  encoded?: Partial<Record<'br' | 'gzip', Buffer>>
 }
 
 /**
@@ -39,18 +41,20 @@ export interface CacheStore {
 }
 
 export function entrySize (key: string, entry: CachedEntry): number {
-  let size = key.length + entry.body.length + entry.variant.length + 200
+  let size = key.length + entry.body.length + entry.variant.length + 200 +
+    (entry.encoded?.br?.length ?? 0) + (entry.encoded?.gzip?.length ?? 0)
   for (const [k, v] of Object.entries(entry.headers)) size += k.length + String(v).length + 4
   return size
 }
 
-/** Binary form for Redis: 4-byte meta length, meta JSON, body. */
+/** Binary form for Redis: 4-byte meta length, meta JSON, body, then the precompressed bodies. */
 export function encodeEntry (entry: CachedEntry): Buffer {
-  const { body, ...meta } = entry
-  const json = Buffer.from(JSON.stringify(meta))
+  const { body, encoded, ...meta } = entry
+  const parts = { br: encoded?.br?.length ?? 0, gzip: encoded?.gzip?.length ?? 0 }
+  const json = Buffer.from(JSON.stringify({ ...meta, parts }))
   const head = Buffer.allocUnsafe(4)
   head.writeUInt32BE(json.length, 0)
-  return Buffer.concat([head, json, body])
+  return Buffer.concat([head, json, body, encoded?.br ?? Buffer.alloc(0), encoded?.gzip ?? Buffer.alloc(0)])
 }
 
 export function decodeEntry (buf: Buffer): CachedEntry | undefined {
@@ -58,8 +62,13 @@ export function decodeEntry (buf: Buffer): CachedEntry | undefined {
   const len = buf.readUInt32BE(0)
   if (buf.length < 4 + len) return undefined
   try {
-    const meta = JSON.parse(buf.subarray(4, 4 + len).toString()) as Omit<CachedEntry, 'body'>
-    return { ...meta, body: buf.subarray(4 + len) }
+    const { parts, ...meta } = JSON.parse(buf.subarray(4, 4 + len).toString()) as Omit<CachedEntry, 'body'> & { parts?: { br: number, gzip: number } }
+    const br = parts?.br ?? 0
+    const gzip = parts?.gzip ?? 0
+    const end = buf.length - br - gzip
+    const entry: CachedEntry = { ...meta, body: buf.subarray(4 + len, end) }
+    if (br + gzip > 0) entry.encoded = { ...(br > 0 ? { br: buf.subarray(end, end + br) } : {}), ...(gzip > 0 ? { gzip: buf.subarray(end + br) } : {}) }
+    return entry
   } catch {
     return undefined
   }
