@@ -271,6 +271,8 @@ export function createSecureListener (certs: Certificates, limits: Limits, handl
     headersTimeout: limits.headersTimeout,
     requestTimeout: limits.requestTimeout,
     keepAliveTimeout: limits.keepAliveTimeout,
+    // As on the plain listener: enforce the two timeouts above every second, not every 30 s.
+    connectionsCheckingInterval: 1000,
     joinDuplicateHeaders: true,
     requireHostHeader: false
   })

@@ -106,7 +106,7 @@ export function mapUpstreamError (err: unknown): Error {
     if (code === 'UND_ERR_CONNECT_TIMEOUT' || code === 'ETIMEDOUT') return new errors.GATEHOUSE_UPSTREAM_CONNECT_TIMEOUT()
     if (code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT' || code === 'FST_REPLY_FROM_GATEWAY_TIMEOUT') return new errors.GATEHOUSE_UPSTREAM_TIMEOUT()
     if (dnsCodes.has(code)) return new errors.GATEHOUSE_UPSTREAM_DNS()
-    if (code.startsWith('ERR_TLS') || code.startsWith('ERR_SSL') || code.includes('CERT') || code === 'DEPTH_ZERO_SELF_SIGNED_CERT') return new errors.GATEHOUSE_UPSTREAM_TLS()
+    if (code.startsWith('ERR_TLS') || code.startsWith('ERR_SSL') || code.includes('CERT') || code.startsWith('UNABLE_TO_') || code === 'HOSTNAME_MISMATCH') return new errors.GATEHOUSE_UPSTREAM_TLS()
     if (resetCodes.has(code)) return new errors.GATEHOUSE_UPSTREAM_RESET()
     if (code.startsWith('HPE_') || code === 'UND_ERR_INFO' || code === 'FST_REPLY_FROM_BAD_GATEWAY') return new errors.GATEHOUSE_UPSTREAM_BAD_RESPONSE()
     e = e.cause

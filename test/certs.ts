@@ -23,8 +23,8 @@ export interface TestCa {
   dir: string
   caFile: string
   ca: string
-  /** Issues a leaf certificate for DNS names (and 127.0.0.1), signed by this CA. */
-  issue: (name: string, hosts?: string[], usage?: 'server' | 'client') => IssuedCert
+  /** Issues a leaf certificate for DNS names (and 127.0.0.1 unless `ip` is false), signed by this CA. */
+  issue: (name: string, hosts?: string[], usage?: 'server' | 'client', ip?: boolean) => IssuedCert
 }
 
 function openssl (args: string[]): void {
@@ -46,12 +46,12 @@ export function createCa (t: { after: TestContext['after'] }, cn = 'Gatehouse Te
     '-keyout', caKey, '-out', caFile, '-days', '2', '-subj', `/CN=${cn}`,
     '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign'])
   let serial = 0
-  const issue = (name: string, hosts: string[] = [name], usage: 'server' | 'client' = 'server'): IssuedCert => {
+  const issue = (name: string, hosts: string[] = [name], usage: 'server' | 'client' = 'server', ip = true): IssuedCert => {
     const base = join(dir, `${name.replace(/[^A-Za-z0-9.-]/g, '_')}-${++serial}`)
     const keyFile = `${base}.key`
     const certFile = `${base}.pem`
     const ext = `${base}.ext`
-    const san = [...hosts.map((h) => `DNS:${h}`), 'IP:127.0.0.1'].join(',')
+    const san = [...hosts.map((h) => `DNS:${h}`), ...(ip ? ['IP:127.0.0.1'] : [])].join(',')
     writeFileSync(ext, `subjectAltName=${san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=${usage === 'server' ? 'serverAuth' : 'clientAuth'}\n`)
     openssl(['req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
       '-keyout', keyFile, '-out', `${base}.csr`, '-subj', `/CN=${name}`])
