@@ -106,6 +106,9 @@ const accessLog: FastifyPluginAsync<AccessLogOptions> = async function accessLog
     ;(reply as CountedReply)[kBytesIn] = count
     const counter = new CountIn(count)
     payload.on('error', (err) => counter.destroy(err))
+    // A malformed chunked body errors the stream before anything reads it: without a listener
+    // that error would crash the process. Whoever consumes the body still sees it.
+    counter.on('error', () => {})
     done(null, payload.pipe(counter))
   })
 

@@ -69,9 +69,10 @@ type TrackedResponse = ServerResponse & { [kReply]?: FastifyReply | null }
 function onClose (this: TrackedResponse): void {
   metrics.inflight.dec()
   const reply = this[kReply]
-  this[kReply] = null
-  // Finished responses are recorded by onResponse; this one lost its client on the way.
+  // A finished response is recorded by onResponse (which may run after this, behind an async
+  // onResponse hook); an unfinished one lost its client on the way.
   if (reply != null && !this.writableFinished) {
+    this[kReply] = null
     record(routeLabel(reply.request), reply.request.method, CLIENT_CLOSED, reply.elapsedTime / 1000)
   }
 }

@@ -26,8 +26,7 @@ export const metrics = {
   websocketConnections: new Gauge({ name: 'gatehouse_websocket_connections', help: 'WebSocket connections open, by route', labelNames: ['route'] as const, registers: [registry] }),
   configReloads: new Counter({ name: 'gatehouse_config_reloads_total', help: 'Route-table reloads, by result (ok, failed)', labelNames: ['result'] as const, registers: [registry] }),
   configVersion: new Gauge({ name: 'gatehouse_config_version', help: 'The version of the route table in service (1 at start, +1 per successful reload)', registers: [registry] }),
-  configReloadTime: new Gauge({ name: 'gatehouse_config_last_reload_success_timestamp_seconds', help: 'When the route table in service was loaded (Unix time)', registers: [registry] }),
-  storeErrors: new Counter({ name: 'gatehouse_store_errors_total', help: 'Failed operations on a shared store (rate-limit counters, cache), by store and backend', labelNames: ['store', 'backend'] as const, registers: [registry] })
+  configReloadTime: new Gauge({ name: 'gatehouse_config_last_reload_success_timestamp_seconds', help: 'When the route table in service was loaded (Unix time)', registers: [registry] })
 }
 
 // Series that exist before the first event, so that rate() and alerts see a 0 rather than nothing.

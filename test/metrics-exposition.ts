@@ -21,10 +21,12 @@ const METRIC_NAME = /^[a-zA-Z_:][a-zA-Z0-9_:]*$/
 const LABEL_NAME = /^[a-zA-Z_][a-zA-Z0-9_]*$/
 const TYPES = new Set(['counter', 'gauge', 'histogram', 'summary', 'untyped'])
 
+/** Prometheus reads values with Go's strconv.ParseFloat: NaN and Inf in any case (prom-client writes `Nan`). */
 function parseValue (text: string, line: number): number {
-  if (text === '+Inf') return Infinity
-  if (text === '-Inf') return -Infinity
-  if (text === 'NaN') return NaN
+  const lower = text.toLowerCase()
+  if (lower === '+inf' || lower === 'inf') return Infinity
+  if (lower === '-inf') return -Infinity
+  if (lower === 'nan') return NaN
   if (!/^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/.test(text)) throw new Error(`line ${line}: bad value ${JSON.stringify(text)}`)
   return Number(text)
 }
@@ -191,4 +193,30 @@ export async function scrapeAdmin (adminUrl: string): Promise<Map<string, Family
   const res = await fetch(`${adminUrl}/metrics`)
   if (res.status !== 200) throw new Error(`/metrics answered ${res.status}`)
   return parseExposition(await res.text())
+}
+
+export type Families = Map<string, Family>
+
+/** Scrapes until `ready` holds (the gateway records a request once its response has finished). */
+export async function settled (adminUrl: string, ready: (f: Families) => boolean, timeoutMs = 10_000): Promise<Families> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const f = await scrapeAdmin(adminUrl)
+    if (ready(f) || Date.now() > deadline) return f
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+}
+
+/** How much one series grew between two scrapes. */
+export function delta (before: Families, after: Families, sample: string, labels: Record<string, string>): number {
+  return valueOf(after, sample, labels) - valueOf(before, sample, labels)
+}
+
+/** The sum of every series of `sample` whose labels include `match`. */
+export function sumOf (f: Families, sample: string, match: Record<string, string>): number {
+  let sum = 0
+  for (const s of f.get(familyOf(sample, f))?.samples ?? []) {
+    if (s.name === sample && Object.entries(match).every(([k, v]) => s.labels[k] === v)) sum += s.value
+  }
+  return sum
 }
