@@ -295,7 +295,8 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     h['x-forwarded-proto'] = request.protocol
     h['x-forwarded-host'] = request.host
     h['x-request-id'] = request.id
-    if (route.preserveHost) h.host = request.headers.host
+    // An HTTP/2 client sends :authority instead of Host.
+    if (route.preserveHost) h.host = request.headers.host ?? (request.headers[':authority'] as string | undefined)
     for (const name of requestRemove) delete h[name]
     for (const [k, v] of requestSet) h[k] = v
     h[kRequest] = request

@@ -45,7 +45,13 @@ test('HTTP/2 (ALPN h2) through routing: path, query, forwarded headers, streamed
       res.end(body)
     })
   })
-  const gw = await startGateway(t, { config: { tls: { cert: leaf.certFile, key: leaf.keyFile } }, routes: { svc: { match: { prefix: '/svc' }, upstream: { targets: [{ url: up.url }] } } } })
+  const gw = await startGateway(t, {
+    config: { tls: { cert: leaf.certFile, key: leaf.keyFile } },
+    routes: {
+      svc: { match: { prefix: '/svc' }, upstream: { targets: [{ url: up.url }] } },
+      keep: { match: { prefix: '/keep' }, preserveHost: true, upstream: { targets: [{ url: up.url }] } }
+    }
+  })
   const session = await connectH2(t, gw, ca)
   assert.equal(session.alpnProtocol, 'h2')
 
@@ -60,6 +66,10 @@ test('HTTP/2 (ALPN h2) through routing: path, query, forwarded headers, streamed
   assert.equal(seen.headers.host, `127.0.0.1:${up.port}`)
   assert.equal(seen.headers['x-custom'], 'kept')
   for (const name of Object.keys(seen.headers)) assert.ok(!name.startsWith(':'), `pseudo-header ${name} is not forwarded`)
+
+  // preserveHost sends the client's :authority as Host.
+  const preserved = await h2request(session, { ':path': '/keep/x', ':authority': 'api.example.com' })
+  assert.equal((JSON.parse(preserved.body.toString()) as { headers: Record<string, string> }).headers.host, 'api.example.com')
 
   // A 2 MiB upload arrives whole, streamed to the upstream.
   const upload = randomBytes(2 * 1024 * 1024)
