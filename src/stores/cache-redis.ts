@@ -5,7 +5,8 @@ import { decodeEntry, encodeEntry } from '../cache/store.js'
 /**
  * Response store shared by every gateway instance: one Redis hash per URL (`<prefix>cache:<url>`),
  * one field per variant, the hash expiring with its longest-lived variant; and one set per route
- * listing its URLs, for purge by route. Redis errors make the cache miss, never fail a request.
+ * listing its URLs, for purge by route (it lives as long as its longest-lived URL). Redis errors
+ * make the cache miss, never fail a request.
  */
 export class RedisCacheStore implements CacheStore {
   private readonly redis: Redis
@@ -56,6 +57,8 @@ export class RedisCacheStore implements CacheStore {
         .pexpire(k, ms, 'NX')
         .pexpire(k, ms, 'GT')
         .sadd(this.routeKey(entry.route), key)
+        .pexpire(this.routeKey(entry.route), ms, 'NX')
+        .pexpire(this.routeKey(entry.route), ms, 'GT')
         .exec()
     } catch {
       // The cache is an optimisation: a failed store only costs a later miss.
