@@ -2,6 +2,9 @@ import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import tls from 'node:tls'
 import http from 'node:http'
+import http2 from 'node:http2'
+import type { AddressInfo } from 'node:net'
+import WebSocket, { WebSocketServer } from 'ws'
 import { once } from 'node:events'
 import { copyFileSync, mkdirSync, renameSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
@@ -203,4 +206,52 @@ test('redirectHttpPort: plain HTTP gets 308 to the same host, path and query on 
   const bad = await get('/x', 'evil.example/@x')
   assert.equal(bad.statusCode, 400)
   assert.equal(bad.headers['content-type'], 'application/problem+json')
+})
+
+test('shutdown over TLS: HTTP/2 sessions get GOAWAY and their streams in flight finish; WebSocket tunnels are closed; close() does not wait for the timeout', async (t) => {
+  const ca = createCa(t)
+  const leaf = ca.issue('gateway.test')
+  let release!: () => void
+  const released = new Promise<void>((resolve) => { release = resolve })
+  let arrived!: () => void
+  const slowArrived = new Promise<void>((resolve) => { arrived = resolve })
+  const up = await startUpstream(t, (_req, res) => {
+    arrived()
+    void released.then(() => res.end('done'))
+  })
+  const wsUpstream = new WebSocketServer({ port: 0, host: '127.0.0.1' })
+  t.after(() => wsUpstream.close())
+  await once(wsUpstream, 'listening')
+  const wsPort = (wsUpstream.address() as AddressInfo).port
+  const gw = await startGateway(t, {
+    config: { tls: { cert: leaf.certFile, key: leaf.keyFile }, limits: { shutdownTimeout: '20s' } },
+    routes: {
+      svc: route(up.url),
+      ws: { match: { prefix: '/ws' }, websocket: true, upstream: { targets: [{ url: `http://127.0.0.1:${wsPort}` }] } }
+    }
+  })
+  const ws = new WebSocket(`wss://127.0.0.1:${gw.port}/ws`, { ca: ca.ca })
+  await once(ws, 'open')
+  const wsClosed = once(ws, 'close')
+
+  const session = http2.connect(`https://127.0.0.1:${gw.port}`, { ca: ca.ca })
+  t.after(() => session.destroy())
+  const goaway = once(session, 'goaway')
+  const stream = session.request({ ':path': '/svc/slow' })
+  const response = once(stream, 'response')
+  await slowArrived
+
+  const events: string[] = []
+  const closed = gw.gateway.close().then(() => events.push('closed'))
+  await goaway
+  release()
+  const [headers] = await response as [http2.IncomingHttpHeaders]
+  let body = ''
+  for await (const chunk of stream) body += (chunk as Buffer).toString()
+  events.push('response')
+  assert.equal(headers[':status'], 200)
+  assert.equal(body, 'done')
+  await closed
+  await wsClosed
+  assert.deepEqual(events, ['response', 'closed'])
 })
