@@ -239,34 +239,36 @@ test('a client that disconnects mid-download aborts the upstream response', asyn
   assert.equal(upstreamRes?.writableFinished, false)
 })
 
-for (const framing of ['content-length', 'chunked'] as const) test(`a client that disconnects mid-upload (${framing}) aborts the upstream request, which never sees the body end`, async (t) => {
-  let upstreamReq: IncomingMessage | undefined
-  let ended = false
-  let notify: (() => void) | undefined
-  const up = await startUpstream(t, (req, res) => {
-    upstreamReq = req
-    req.on('error', () => {}) // 'aborted': what the test wants to see
-    req.once('data', () => notify?.())
-    req.on('end', () => { ended = true; res.end() })
-    req.resume()
+for (const framing of ['content-length', 'chunked'] as const) {
+  test(`a client that disconnects mid-upload (${framing}) aborts the upstream request, which never sees the body end`, async (t) => {
+    let upstreamReq: IncomingMessage | undefined
+    let ended = false
+    let notify: (() => void) | undefined
+    const up = await startUpstream(t, (req, res) => {
+      upstreamReq = req
+      req.on('error', () => {}) // 'aborted': what the test wants to see
+      req.once('data', () => notify?.())
+      req.on('end', () => { ended = true; res.end() })
+      req.resume()
+    })
+    const gw = await startGateway(t, { routes: { svc: route('/svc', up.url) } })
+    const flowing = new Promise<void>((resolve) => { notify = resolve })
+    const sock = net.connect(gw.port, '127.0.0.1')
+    await once(sock, 'connect')
+    sock.on('error', () => {})
+    // The gateway runs in this process: an 'aborted' stream error nobody listens to fails the test.
+    if (framing === 'content-length') {
+      sock.write('POST /svc/upload HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 1000000\r\n\r\n')
+      sock.write(Buffer.alloc(100_000, 'u'))
+    } else {
+      sock.write(`POST /svc/upload HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n${(100_000).toString(16)}\r\n`)
+      sock.write(Buffer.alloc(100_000, 'u'))
+    }
+    await flowing
+    const closed = within(upstreamReq as IncomingMessage, 'close', 5000, 'upstream request')
+    sock.destroy()
+    await closed
+    assert.equal(ended, false)
+    assert.equal(upstreamReq?.complete, false)
   })
-  const gw = await startGateway(t, { routes: { svc: route('/svc', up.url) } })
-  const flowing = new Promise<void>((resolve) => { notify = resolve })
-  const sock = net.connect(gw.port, '127.0.0.1')
-  await once(sock, 'connect')
-  sock.on('error', () => {})
-  // The gateway runs in this process: an 'aborted' stream error nobody listens to fails the test.
-  if (framing === 'content-length') {
-    sock.write('POST /svc/upload HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 1000000\r\n\r\n')
-    sock.write(Buffer.alloc(100_000, 'u'))
-  } else {
-    sock.write(`POST /svc/upload HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n${(100_000).toString(16)}\r\n`)
-    sock.write(Buffer.alloc(100_000, 'u'))
-  }
-  await flowing
-  const closed = within(upstreamReq as IncomingMessage, 'close', 5000, 'upstream request')
-  sock.destroy()
-  await closed
-  assert.equal(ended, false)
-  assert.equal(upstreamReq?.complete, false)
-})
+}
