@@ -34,13 +34,18 @@ function packageOf (url: string, root: string): string {
   return 'gatehouse'
 }
 
-export function summarizeProfile (file: string, root: string, top = 25): { functions: ProfileRow[], packages: ProfileRow[], idlePercent: number } {
+/** `skipMs`: samples of the first milliseconds (start-up: module loading, building routes) are left out. */
+export function summarizeProfile (file: string, root: string, top = 25, skipMs = 0): { functions: ProfileRow[], packages: ProfileRow[], idlePercent: number } {
   const profile = JSON.parse(readFileSync(file, 'utf8')) as Profile
   const byId = new Map(profile.nodes.map((n) => [n.id, n]))
   const self = new Map<number, number>()
+  let at = 0
   for (let i = 0; i < profile.samples.length; i++) {
+    const delta = profile.timeDeltas[i] ?? 0
+    at += delta
+    if (at < skipMs * 1000) continue
     const id = profile.samples[i]
-    self.set(id, (self.get(id) ?? 0) + (profile.timeDeltas[i] ?? 0))
+    self.set(id, (self.get(id) ?? 0) + delta)
   }
   let total = 0
   let idle = 0
@@ -65,12 +70,12 @@ export function summarizeProfile (file: string, root: string, top = 25): { funct
 }
 
 if (require.main === module) {
-  const [file, topArg] = process.argv.slice(2)
+  const [file, topArg, skipArg] = process.argv.slice(2)
   if (file === undefined) {
-    process.stderr.write('usage: node dist/bench/profile.js FILE.cpuprofile [TOP]\n')
+    process.stderr.write('usage: node dist/bench/profile.js FILE.cpuprofile [TOP] [SKIP_MS]\n')
     process.exit(1)
   }
-  const s = summarizeProfile(file, process.cwd(), Number(topArg ?? 30))
+  const s = summarizeProfile(file, process.cwd(), Number(topArg ?? 30), Number(skipArg ?? 0))
   process.stdout.write(`idle ${s.idlePercent}% of samples; shares below are of busy time\n\nby package:\n`)
   for (const r of s.packages) process.stdout.write(`  ${String(r.selfPercent).padStart(5)}%  ${r.name}\n`)
   process.stdout.write('\nby function (self time):\n')

@@ -7,7 +7,7 @@ import http2 from 'node:http2'
 import https from 'node:https'
 import net from 'node:net'
 import os from 'node:os'
-import { join, resolve } from 'node:path'
+import { basename, join, resolve } from 'node:path'
 import { parseArgs } from 'node:util'
 import { stringify } from 'yaml'
 import type { LoadRequest, LoadResult } from './load.js'
@@ -34,6 +34,8 @@ const USAGE = `Usage: npm run bench -- [options]
   --soak S          instead of the table: one S-second full-load run of one scenario (--only, default all or plain), sampling RSS
   --profile         run the gateways under --cpu-prof and print their top costs
   --out DIR         results directory (default bench/results)
+  --compare DIST    also run each selected gateway scenario on another build (a copy of dist/),
+                    interleaved with this one: an A/B measurement of a hot-path change (repeatable)
 `
 
 const DIST = resolve(__dirname, '..')
@@ -53,6 +55,7 @@ interface Options {
   soak: number
   profile: boolean
   out: string
+  compare: string[]
 }
 
 interface Ports { upstream: number[], tlsDir: string }
@@ -69,6 +72,8 @@ interface Scenario {
   path: string
   headers?: Record<string, string>
   protocol?: 'http' | 'https' | 'h2'
+  /** The cli.js to start (the --compare build's), default this build's. */
+  cli?: string
   /** Checks the second probe response; returns why the scenario does not measure what it says. */
   verify?: (res: Probe) => string | undefined
 }
@@ -186,6 +191,7 @@ function parseOptions (): Options {
       soak: { type: 'string' },
       profile: { type: 'boolean' },
       out: { type: 'string' },
+      compare: { type: 'string', multiple: true },
       help: { type: 'boolean', short: 'h' }
     }
   })
@@ -215,7 +221,8 @@ function parseOptions (): Options {
     pin: values['no-pin'] !== true && os.availableParallelism() >= 2 && spawnSync('taskset', ['-V']).status === 0,
     soak: num(values.soak, 0, 'soak'),
     profile: values.profile === true,
-    out: resolve(values.out ?? join(ROOT, 'bench', 'results'))
+    out: resolve(values.out ?? join(ROOT, 'bench', 'results')),
+    compare: (values.compare ?? []).map((d) => resolve(d))
   }
 }
 
@@ -307,6 +314,17 @@ function peakRssMiB (pid: number | undefined): number | undefined {
   } catch { return undefined }
 }
 
+/** utime + stime of a process (all its threads), µs. */
+function cpuMicros (pid: number | undefined): number | undefined {
+  if (pid === undefined) return undefined
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+    // Fields 14 and 15 of proc(5) (utime, stime), counted from after the command name, in clock ticks (100 Hz).
+    return (Number(fields[11]) + Number(fields[12])) * 10_000
+  } catch { return undefined }
+}
+
 function rssMiB (pid: number | undefined): number | undefined {
   if (pid === undefined) return undefined
   try {
@@ -322,8 +340,12 @@ interface Running {
   skipped?: string
   note?: string
   rounds: LoadResult[]
+  /** CPU time the proxy process spent per request in each round, µs (utime + stime, all threads). */
+  cpuPerRequest: number[]
   fixed?: LoadResult
   peakRss?: number
+  /** When its process was started (profiles leave out the start-up). */
+  spawned?: number
 }
 
 class Bench {
@@ -393,7 +415,7 @@ class Bench {
     writeFileSync(join(dir, 'gatehouse.yaml'), stringify({ ...config, listen: { host: '127.0.0.1', port }, admin: { host: '127.0.0.1', port: adminPort }, routes: './routes' }))
     for (const [name, r] of Object.entries(routes)) writeFileSync(join(dir, 'routes', `${name}.yaml`), stringify(r))
     // The access log goes to /dev/null (stdout ignored); stderr is kept for start-up failures.
-    const child = spawn(process.execPath, [...this.profileArgs(scenario.name), CLI, 'start', '--config', join(dir, 'gatehouse.yaml')], { stdio: ['ignore', 'ignore', 'pipe'], cwd: dir })
+    const child = spawn(process.execPath, [...this.profileArgs(scenario.name), scenario.cli ?? CLI, 'start', '--config', join(dir, 'gatehouse.yaml')], { stdio: ['ignore', 'ignore', 'pipe'], cwd: dir })
     this.children.push(child)
     let stderr = ''
     child.stderr?.on('data', (c: Buffer) => { stderr = (stderr + c.toString()).slice(-4000) })
@@ -440,12 +462,13 @@ function machine (opts: Options): Record<string, unknown> {
   }
 }
 
-function summary (r: Running): { rps?: number, p50?: number, p99?: number, errors: number } {
+function summary (r: Running): { rps?: number, p50?: number, p99?: number, cpu?: number, errors: number } {
   if (r.rounds.length === 0) return { errors: 0 }
   return {
     rps: Math.round(median(r.rounds.map((x) => x.rps))),
     p50: median(r.rounds.map((x) => x.p50)),
     p99: median(r.rounds.map((x) => x.p99)),
+    cpu: r.cpuPerRequest.length > 0 ? Math.round(median(r.cpuPerRequest)) : undefined,
     errors: r.rounds.reduce((n, x) => n + x.errors + x.non2xx + x.timeouts, 0) + (r.fixed !== undefined ? r.fixed.errors + r.fixed.non2xx + r.fixed.timeouts : 0)
   }
 }
@@ -460,19 +483,20 @@ function markdown (runs: Running[], opts: Options, taken: Date, mach: Record<str
     `Taken ${taken.toISOString().slice(0, 16).replace('T', ' ')} UTC on ${String(mach.cpus)} × ${String(mach.cpuModel)}, Node ${String(mach.node)}, ${String(mach.platform)}; ${String(mach.pinned)}; load average at start ${(mach.loadAverage as number[]).join(' ')}.`,
     `Closed loop: autocannon, ${opts.connections} connections, ${opts.rounds} interleaved round(s) of ${opts.duration} s per scenario, median round shown.` +
       (opts.rate > 0 ? ` Fixed rate: ${opts.rate} req/s for ${opts.rateDuration} s.` : '') +
-      ' Upstream: node:http, ~1 KiB JSON, keep-alive. HTTP/2 load: a node:http2 client (autocannon has no h2).',
+      ' Upstream: node:http, ~1 KiB JSON, keep-alive. HTTP/2 load: a node:http2 client (autocannon has no h2).' +
+      ' CPU µs/req: CPU time of the proxy process per request during the closed-loop rounds (less sensitive to a busy machine than req/s).',
     '',
-    `| Scenario | req/s | p50 ms | p99 ms | × direct | × plain | p99 ms @ ${opts.rate} req/s | peak RSS MiB | errors |`,
-    '|---|---:|---:|---:|---:|---:|---:|---:|---:|'
+    `| Scenario | req/s | p50 ms | p99 ms | × direct | × plain | p99 ms @ ${opts.rate} req/s | CPU µs/req | peak RSS MiB | errors |`,
+    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
   ]
   for (const r of runs) {
     if (r.skipped !== undefined) {
-      lines.push(`| ${r.scenario.title} | skipped: ${r.skipped} | | | | | | | |`)
+      lines.push(`| ${r.scenario.title} | skipped: ${r.skipped} | | | | | | | | |`)
       continue
     }
     const s = summary(r)
     const title = r.note !== undefined ? `${r.scenario.title} (${r.note})` : r.scenario.title
-    lines.push(`| ${title} | ${s.rps ?? ''} | ${fmt(s.p50)} | ${fmt(s.p99)} | ${ratio(s.rps, direct)} | ${ratio(s.rps, plain)} | ${fmt(r.fixed?.p99)} | ${r.peakRss ?? ''} | ${s.errors} |`)
+    lines.push(`| ${title} | ${s.rps ?? ''} | ${fmt(s.p50)} | ${fmt(s.p99)} | ${ratio(s.rps, direct)} | ${ratio(s.rps, plain)} | ${fmt(r.fixed?.p99)} | ${s.cpu ?? ''} | ${r.peakRss ?? ''} | ${s.errors} |`)
   }
   const get = (name: string): number | undefined => {
     const r = runs.find((x) => x.scenario.name === name)
@@ -534,7 +558,17 @@ async function main (): Promise<void> {
     selected = [all.needs?.every(present) === true ? all : SCENARIOS.find((s) => s.name === 'plain') as Scenario]
   }
 
+  for (const dir of opts.compare) {
+    const cli = join(dir, 'src', 'cli.js')
+    if (!existsSync(cli)) { process.stderr.write(`--compare: ${cli} does not exist\n`); process.exit(1) }
+  }
+  if (opts.compare.length > 0) {
+    selected = selected.flatMap((s) => s.kind !== 'gateway' || s.cli !== undefined
+      ? [s]
+      : [s, ...opts.compare.map((dir) => ({ ...s, name: `${s.name}@${basename(dir)}`, title: `${s.title} [${basename(dir)}]`, cli: join(dir, 'src', 'cli.js') }))])
+  }
   const bench = new Bench(opts)
+  const skip = new Map<string, number>()
   const cleanup = (): void => { void bench.stop().finally(() => process.exit(130)) }
   process.once('SIGINT', cleanup)
   try {
@@ -544,7 +578,7 @@ async function main (): Promise<void> {
     const ports: Ports = { upstream, tlsDir: selected.some((s) => s.protocol !== undefined) ? bench.tlsFiles() : '' }
     const runs: Running[] = []
     for (const scenario of selected) {
-      const r: Running = { scenario, url: '', rounds: [] }
+      const r: Running = { scenario, url: '', rounds: [], cpuPerRequest: [] }
       runs.push(r)
       const missing = (scenario.needs ?? []).filter((m) => !present(m))
       if (missing.length > 0) {
@@ -555,6 +589,7 @@ async function main (): Promise<void> {
       if (absent.length > 0) r.note = `without ${absent.map((m) => m.replace(/\.js$/, '.ts')).join(', ')}`
       try {
         let port: number
+        r.spawned = Date.now()
         if (scenario.kind === 'direct') port = upstream[0]
         else if (scenario.kind === 'baseline') ({ port, child: r.process } = await bench.startBaseline(upstream[0]))
         else ({ port, child: r.process } = await bench.startGateway(scenario, ports))
@@ -577,13 +612,17 @@ async function main (): Promise<void> {
       return
     }
     const base = { connections: opts.connections }
+    const loadStarted = Date.now()
     if (opts.warmup > 0) {
       for (const r of active) await bench.load({ ...base, url: r.url, headers: r.scenario.headers, duration: opts.warmup, rate: 0, h2: r.scenario.protocol === 'h2' })
     }
     for (let round = 1; round <= opts.rounds; round++) {
       for (const r of active) {
+        const cpuBefore = cpuMicros(r.process?.pid)
         const result = await bench.load({ ...base, url: r.url, headers: r.scenario.headers, duration: opts.duration, rate: 0, h2: r.scenario.protocol === 'h2' })
+        const cpuAfter = cpuMicros(r.process?.pid)
         r.rounds.push(result)
+        if (cpuBefore !== undefined && cpuAfter !== undefined && result.requests > 0) r.cpuPerRequest.push((cpuAfter - cpuBefore) / result.requests)
         process.stdout.write(`  round ${round} ${r.scenario.name.padEnd(11)} ${String(result.rps).padStart(7)} req/s  p50 ${fmt(result.p50)} ms  p99 ${fmt(result.p99)} ms${result.errors + result.non2xx > 0 ? `  errors ${result.errors} non-2xx ${result.non2xx}` : ''}\n`)
       }
     }
@@ -600,13 +639,14 @@ async function main (): Promise<void> {
       taken: taken.toISOString(),
       machine: mach,
       options: opts,
-      scenarios: runs.map((r) => ({ name: r.scenario.name, title: r.scenario.title, skipped: r.skipped, note: r.note, ...summary(r), peakRssMiB: r.peakRss, rounds: r.rounds, fixedRate: r.fixed }))
+      scenarios: runs.map((r) => ({ name: r.scenario.name, title: r.scenario.title, skipped: r.skipped, note: r.note, ...summary(r), peakRssMiB: r.peakRss, cpuPerRequest: r.cpuPerRequest, rounds: r.rounds, fixedRate: r.fixed }))
     }
     writeFileSync(join(opts.out, `${stamp}.json`), JSON.stringify(json, null, 2))
     const md = markdown(runs, opts, taken, mach)
     writeFileSync(join(opts.out, 'latest.md'), md)
     process.stdout.write('\n' + md)
     process.stdout.write(`\nwritten: ${join(opts.out, `${stamp}.json`)}, ${join(opts.out, 'latest.md')}\n`)
+    for (const r of active) skip.set(r.scenario.name, loadStarted - (r.spawned ?? loadStarted))
   } finally {
     await bench.stop()
   }
@@ -615,7 +655,7 @@ async function main (): Promise<void> {
     for (const name of existsSync(dir) ? readdirSync(dir) : []) {
       const files = readdirSync(join(dir, name)).filter((f) => f.endsWith('.cpuprofile')).sort()
       if (files.length === 0) continue
-      const s = summarizeProfile(join(dir, name, files[files.length - 1]), ROOT, 20)
+      const s = summarizeProfile(join(dir, name, files[files.length - 1]), ROOT, 25, skip.get(name) ?? 0)
       process.stdout.write(`\nprofile ${name} (idle ${s.idlePercent}%; % of busy time)\n`)
       for (const p of s.packages.slice(0, 10)) process.stdout.write(`  ${String(p.selfPercent).padStart(5)}%  ${p.name}\n`)
       for (const f of s.functions) process.stdout.write(`  ${String(f.selfPercent).padStart(5)}%  ${f.name}\n`)
