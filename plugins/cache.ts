@@ -232,6 +232,38 @@ const cache: FastifyPluginAsync = async function cache (fastify: FastifyInstance
       .finally(() => { refreshing.delete(key) })
   }
 
+  /** Serves a stored entry when RFC 9111 allows it for this request: fresh, or stale where permitted. */
+  function answerFromStore (request: FastifyRequest, reply: FastifyReply, ctx: CacheContext, entry: CachedEntry, reqCc: Directives): boolean {
+    const age = ageOf(entry, Date.now())
+    const { directives } = responseDirectives(entry.headers)
+    const maxAge = seconds(reqCc, 'max-age')
+    const minFresh = seconds(reqCc, 'min-fresh') ?? 0
+    const maxStale = reqCc.get('max-stale')
+    const mustValidate = directives.has('no-cache') || reqCc.has('no-cache') || (maxAge !== undefined && age > maxAge)
+    if (mustValidate) return false
+    const collapsed = ctx.collapsed ? '; collapsed' : ''
+    if (age + minFresh < entry.lifetime) {
+      count(ctx, 'hit')
+      serve(request, reply, ctx, entry, `hit; ttl=${ttlOf(entry)}${collapsed}`)
+      return true
+    }
+    if (!mayServeStale(directives)) return false
+    const staleBy = age - entry.lifetime
+    const allowed = maxStale === true ? Infinity : maxStale !== undefined ? (seconds(reqCc, 'max-stale') ?? 0) : 0
+    if (staleBy < allowed) {
+      count(ctx, 'stale')
+      serve(request, reply, ctx, entry, `hit; ttl=${ttlOf(entry)}${collapsed}`)
+      return true
+    }
+    if (staleBy < entry.staleWhileRevalidate) {
+      count(ctx, 'stale')
+      refresh(request, ctx.key)
+      serve(request, reply, ctx, entry, `hit; ttl=${ttlOf(entry)}${collapsed}; detail=stale-while-revalidate`)
+      return true
+    }
+    return false
+  }
+
   async function lookup (request: FastifyRequest, ctx: CacheContext): Promise<CachedEntry | undefined> {
     let entries: CachedEntry[]
     try {
@@ -269,55 +301,28 @@ const cache: FastifyPluginAsync = async function cache (fastify: FastifyInstance
     }
     const reqCc = requestDirectives(request)
 
-    let entry = await lookup(request, ctx)
-    if (entry === undefined && method === 'GET' && !background && !reqCc.has('only-if-cached')) {
-      // Another request for this key is on its way upstream: wait for it, then look again.
-      const bound = route.upstream.timeouts.response
-      if (await collapser.wait(ctx.key, Math.min(bound, 30_000))) {
-        ctx.collapsed = true
-        entry = await lookup(request, ctx)
+    // Misses and revalidations of one key collapse into one upstream request: the first becomes
+    // the leader, the others wait for it (at most the route's response timeout) and look again.
+    let entry: CachedEntry | undefined
+    for (let attempt = 0; ; attempt++) {
+      entry = await lookup(request, ctx)
+      if (entry !== undefined && !background && answerFromStore(request, reply, ctx, entry, reqCc)) return reply
+      if (reqCc.has('only-if-cached')) {
+        count(ctx, 'miss')
+        statusHeaders(reply, ctx, 'fwd=miss; detail=only-if-cached')
+        ctx.served = true
+        throw new errors.GATEHOUSE_NOT_CACHED()
       }
-    }
-
-    if (entry !== undefined && !background) {
-      const now = Date.now()
-      const age = ageOf(entry, now)
-      const { directives } = responseDirectives(entry.headers)
-      const maxAge = seconds(reqCc, 'max-age')
-      const minFresh = seconds(reqCc, 'min-fresh') ?? 0
-      const maxStale = reqCc.get('max-stale')
-      const mustValidate = directives.has('no-cache') || reqCc.has('no-cache') || (maxAge !== undefined && age > maxAge)
-      const fresh = age + minFresh < entry.lifetime
-      const staleBy = age - entry.lifetime
-      if (!mustValidate && fresh) {
-        count(ctx, 'hit')
-        return serve(request, reply, ctx, entry, `hit; ttl=${ttlOf(entry)}${ctx.collapsed ? '; collapsed' : ''}`)
-      }
-      if (!mustValidate && mayServeStale(directives)) {
-        const allowed = maxStale === true ? Infinity : maxStale !== undefined ? (seconds(reqCc, 'max-stale') ?? 0) : 0
-        if (staleBy < allowed) {
-          count(ctx, 'stale')
-          return serve(request, reply, ctx, entry, `hit; ttl=${ttlOf(entry)}`)
-        }
-        if (staleBy < entry.staleWhileRevalidate) {
-          count(ctx, 'stale')
-          refresh(request, ctx.key)
-          return serve(request, reply, ctx, entry, `hit; ttl=${ttlOf(entry)}; detail=stale-while-revalidate`)
-        }
-      }
-    }
-
-    if (reqCc.has('only-if-cached') && !(entry !== undefined && !background)) {
-      count(ctx, 'miss')
-      statusHeaders(reply, ctx, 'fwd=miss; detail=only-if-cached')
-      ctx.served = true
-      throw new errors.GATEHOUSE_NOT_CACHED()
+      if (method !== 'GET') break
+      ctx.release = collapser.lead(ctx.key)
+      if (ctx.release !== undefined || attempt > 0 || background) break
+      await collapser.wait(ctx.key, Math.min(route.upstream.timeouts.response, 30_000))
+      ctx.collapsed = true
     }
 
     // Going upstream.
     ctx.fwd = entry !== undefined ? 'stale' : reqCc.has('no-cache') ? 'request' : ctx.fwd ?? 'uri-miss'
     if (method === 'GET') {
-      ctx.release = collapser.lead(ctx.key)
       if (entry !== undefined) {
         ctx.entry = entry
         if (hasValidator(entry.headers)) {

@@ -222,6 +222,18 @@ test('100 concurrent misses for one URL make one upstream request', async (t) =>
   assert.ok(results.filter((r) => /collapsed/.test(String(r.headers['cache-status']))).length >= 90)
 })
 
+test('a thundering herd on an expired hot key costs the upstream one request', async (t) => {
+  const up = await upstream(t, (_req, res, n) => {
+    setTimeout(() => { res.writeHead(200, { 'cache-control': 'max-age=1' }); res.end(`v${n}`) }, n === 1 ? 0 : 300)
+  })
+  const gw = await startGateway(t, { routes: { svc: cachedRoute(up) } })
+  await get(`${gw.url}/svc/hot`)
+  await sleep(1100)
+  const results = await Promise.all(Array.from({ length: 50 }, async () => await get(`${gw.url}/svc/hot`)))
+  assert.equal(up.received.length, 2)
+  assert.ok(results.every((r) => r.status === 200 && r.body === 'v2'))
+})
+
 test('POST, PUT, PATCH and DELETE invalidate the URL and a same-origin Location', async (t) => {
   const up = await upstream(t, (req, res, n) => {
     if (req.method === 'GET') res.writeHead(200, { 'cache-control': 'max-age=60' })
