@@ -438,6 +438,8 @@ const cache: FastifyPluginAsync = async function cache (fastify: FastifyInstance
     })
     const source = payload as Readable
     source.once('error', (err) => tee.destroy(err))
+    // pipe() does not pass a destroy upstream: a client gone mid-body must free the upstream body.
+    tee.once('close', () => { if (!source.readableEnded) source.destroy() })
     return source.pipe(tee)
   })
 

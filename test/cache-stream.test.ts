@@ -51,8 +51,10 @@ test('the first client of a cacheable response gets it as it streams; a chunked 
 
 test('a client that goes away mid-response leaves no partial entry, and waiting requests are released', async (t) => {
   let n = 0
+  let firstClosed!: Promise<unknown>
   const up = await startUpstream(t, (_req, res) => {
     n++
+    if (n === 1) firstClosed = once(res, 'close')
     res.writeHead(200, { 'content-type': 'text/plain', 'cache-control': 'max-age=60' })
     res.write('partial;')
     if (n > 1) res.end('complete')
@@ -63,6 +65,7 @@ test('a client that goes away mid-response leaves no partial entry, and waiting 
   const first = await request(`${gw.url}/svc/p`, { signal: ac.signal })
   first.body.once('data', () => ac.abort())
   await assert.rejects(first.body.text())
+  await firstClosed // the gateway let go of the upstream response too
   const second = await request(`${gw.url}/svc/p`)
   assert.equal(await second.body.text(), 'partial;complete')
   assert.equal(second.headers['x-cache'], 'MISS')
