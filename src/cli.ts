@@ -177,7 +177,8 @@ async function start (args: Args): Promise<void> {
   const gateway = new GatewayServer({ configFile: args.configFile, overrides: args.overrides })
   await gateway.start()
   process.on('SIGHUP', () => { void gateway.reload() })
-  closeWithGrace({ delay: gateway.config.limits.shutdownTimeout + 5000 }, async ({ signal, err }) => {
+  // close-with-grace treats SIGHUP as a shutdown signal by default: it means reload here.
+  closeWithGrace({ delay: gateway.config.limits.shutdownTimeout + 5000, skip: ['SIGHUP'] }, async ({ signal, err }) => {
     if (err !== undefined) gateway.logger.error({ err }, 'fatal error, shutting down')
     else gateway.logger.info({ signal }, 'shutting down: draining in-flight requests')
     await gateway.close()

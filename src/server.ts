@@ -27,9 +27,10 @@ class Version {
   readonly id: number
   handler!: Handler
   inflight = 0
-  private idle: (() => void) | undefined
+  /** Waiters of drained(): a retiring version can be awaited by its retirement and by close(). */
+  private readonly idle = new Set<() => void>()
   readonly release = (): void => {
-    if (--this.inflight === 0 && this.idle !== undefined) this.idle()
+    if (--this.inflight === 0) for (const fn of [...this.idle]) fn()
   }
 
   constructor (id: number, app: FastifyInstance, routes: readonly RouteDefinition[]) {
@@ -42,12 +43,13 @@ class Version {
   async drained (timeout: number): Promise<boolean> {
     if (this.inflight === 0) return true
     let timer: NodeJS.Timeout | undefined
+    let waiter: (() => void) | undefined
     const done = await Promise.race([
-      new Promise<boolean>((resolve) => { this.idle = () => resolve(true) }),
+      new Promise<boolean>((resolve) => { waiter = () => resolve(true); this.idle.add(waiter) }),
       new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(false), timeout) })
     ])
     clearTimeout(timer)
-    this.idle = undefined
+    this.idle.delete(waiter as () => void)
     return done
   }
 }
@@ -97,6 +99,10 @@ export class GatewayServer {
   private current!: Version
   private versions = 0
   private closing = false
+  /** Versions swapped out by a reload whose in-flight requests are still finishing. */
+  private readonly retiring = new Set<Version>()
+  /** Responses in progress, so that a drain can tell their clients not to reuse the connection. */
+  private readonly active = new Set<ServerResponse>()
   private reloading: Promise<ReloadResult> | undefined
 
   constructor (options: GatewayServerOptions = {}) {
@@ -171,6 +177,8 @@ export class GatewayServer {
       const v = this.current
       v.inflight++
       res.once('close', v.release)
+      this.active.add(res)
+      res.once('close', () => this.active.delete(res))
       if (this.closing) res.shouldKeepAlive = false
       v.handler(req, res)
     }
@@ -240,9 +248,11 @@ export class GatewayServer {
   }
 
   private async retire (old: Version): Promise<void> {
+    this.retiring.add(old)
     const drained = await old.drained(this.config.limits.shutdownTimeout)
     if (!drained) this.logger.warn({ version: old.id, inflight: old.inflight }, 'old routes closed with requests in flight')
     await old.app.close()
+    this.retiring.delete(old)
   }
 
   /** Stops accepting, lets in-flight requests finish (bounded by limits.shutdownTimeout), closes. */
@@ -251,8 +261,12 @@ export class GatewayServer {
     this.closing = true
     const serverClosed = new Promise<void>((resolve) => this.server.close(() => resolve()))
     this.server.closeIdleConnections()
-    const drained = await this.current.drained(this.config.limits.shutdownTimeout)
-    if (!drained) this.logger.warn({ inflight: this.current.inflight }, 'shutdown timeout: closing connections with requests in flight')
+    // Responses not yet started tell their clients to close; the others' connections are closed below.
+    for (const res of this.active) if (!res.headersSent) res.shouldKeepAlive = false
+    // Versions retired by a recent reload may still be finishing requests too.
+    const versions = [this.current, ...this.retiring]
+    const drained = (await Promise.all(versions.map(async (v) => await v.drained(this.config.limits.shutdownTimeout)))).every(Boolean)
+    if (!drained) this.logger.warn({ inflight: versions.reduce((n, v) => n + v.inflight, 0) }, 'shutdown timeout: closing connections with requests in flight')
     this.websockets.closeAll()
     this.server.closeAllConnections()
     this.redirectServer?.closeAllConnections()
