@@ -9,7 +9,7 @@ import type { TLSSocket } from 'node:tls'
 import { basename, dirname, isAbsolute, resolve } from 'node:path'
 import type { Logger } from 'pino'
 import { ConfigError, type ConfigProblem, type GatewayConfig } from './config.js'
-import { problemType } from './errors.js'
+import { GATEHOUSE_HEADERS_TOO_LARGE, problemType } from './errors.js'
 
 /*
  * TLS termination: the certificate files (a default pair and one per SNI name), their validation
@@ -264,7 +264,17 @@ export function createSecureListener (certs: Certificates, limits: Limits, handl
     allowHTTP1: true,
     ALPNProtocols: ['h2', 'http/1.1'],
     settings: { maxHeaderListSize: limits.maxHeaderBytes }
-  }, handler) as SecureListener
+  }, (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => {
+    // nghttp2 enforces maxHeaderListSize (with a stream reset) only once the client acknowledged
+    // our SETTINGS: the first requests of a connection are measured here (RFC 9113 §6.5.2 sizes).
+    if (req.httpVersionMajor === 2 && headerListSize(req.rawHeaders) > limits.maxHeaderBytes) {
+      const body = JSON.stringify({ type: problemType('GATEHOUSE_HEADERS_TOO_LARGE'), title: 'Request Header Fields Too Large', status: 431, detail: new GATEHOUSE_HEADERS_TOO_LARGE().message, code: 'GATEHOUSE_HEADERS_TOO_LARGE', requestId: null })
+      res.writeHead(431, { 'content-type': 'application/problem+json', 'content-length': Buffer.byteLength(body) })
+      res.end(body)
+      return
+    }
+    handler(req, res)
+  }) as SecureListener
   // The HTTP/1.1 fallback reads these from the server object, as http.Server's constructor sets them.
   Object.assign(server, {
     maxHeaderSize: limits.maxHeaderBytes,
@@ -298,6 +308,12 @@ export function createSecureListener (certs: Certificates, limits: Limits, handl
   }
   certs.watch(server)
   return server
+}
+
+function headerListSize (raw: string[]): number {
+  let size = 0
+  for (let i = 0; i < raw.length; i += 2) size += raw[i].length + raw[i + 1].length + 32
+  return size
 }
 
 /**

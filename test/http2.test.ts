@@ -154,3 +154,37 @@ test('HTTP/2 through the concerns: API-key auth, rate limit, compression, respon
   const upstreamCalls = up.received.filter((r) => r.url === '/list').length
   assert.equal(upstreamCalls, 1, 'the cache answered the second request')
 })
+
+test('HTTP/2: a header block past limits.maxHeaderBytes is refused (431 problem, or a stream reset), never forwarded; the session goes on', async (t) => {
+  const ca = createCa(t)
+  const leaf = ca.issue('gateway.test')
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, {
+    config: { tls: { cert: leaf.certFile, key: leaf.keyFile }, limits: { maxHeaderBytes: '4KiB' } },
+    routes: { svc: { match: { prefix: '/svc' }, upstream: { targets: [{ url: up.url }] } } }
+  })
+  const session = await connectH2(t, gw, ca)
+  // nghttp2 resets such a stream once the client has acknowledged the gateway's SETTINGS; before
+  // that (the first requests of a connection) the gateway measures the block itself: 431.
+  const outcomes: string[] = []
+  for (let i = 0; i < 3; i++) {
+    const stream = session.request({ ':path': '/svc/big', 'x-big': 'a'.repeat(8000) })
+    stream.on('error', () => {})
+    let status: unknown
+    let body = ''
+    stream.on('response', (h) => { status = h[':status'] })
+    stream.on('data', (c: Buffer) => { body += c.toString() })
+    // (once() would reject on the reset's 'error' event.)
+    await new Promise((resolve) => stream.on('close', resolve))
+    if (status === 431) {
+      assert.equal((JSON.parse(body) as { code: string }).code, 'GATEHOUSE_HEADERS_TOO_LARGE')
+      outcomes.push('431')
+    } else {
+      assert.equal(stream.rstCode, http2.constants.NGHTTP2_ENHANCE_YOUR_CALM)
+      outcomes.push('reset')
+    }
+  }
+  t.diagnostic(`oversized header blocks: ${outcomes.join(', ')}`)
+  assert.equal(up.received.length, 0)
+  assert.equal((await h2request(session, { ':path': '/svc/small', 'x-small': 'a'.repeat(1000) })).status, 200)
+})
