@@ -363,7 +363,9 @@ function hintFor (error: ValueError, root: TSchema): string | undefined {
 /** Validates `raw` against `schema`; returns the decoded value or pushes every problem found. */
 function validate<S extends TSchema> (schema: S, raw: unknown, file: string, problems: ConfigProblem[]): StaticDecode<S> | undefined {
   let value = Value.Default(schema, raw)
-  value = Value.Convert(schema, value)
+  // Convert turns interpolated strings ("8080", "true") into their types; it would also turn
+  // `bodyLimit: true` into 1 byte: conversions from anything but a string are undone.
+  value = onlyFromStrings(value, Value.Convert(schema, value))
   const errors = [...Value.Errors(schema, value)]
   if (errors.length > 0) {
     // A union reports its own failure and each branch's: keep the most specific ones.
@@ -371,13 +373,28 @@ function validate<S extends TSchema> (schema: S, raw: unknown, file: string, pro
     const specific = errors.filter((e) => !errors.some((o) => o !== e && o.path.startsWith(e.path + '/')))
     for (const e of specific.length > 0 ? specific : errors) {
       const key = e.path + e.message
-      if (seen.has(key)) continue
+      // A field already reported (a missing environment variable) is not reported twice.
+      if (seen.has(key) || problems.some((p) => p.file === file && p.path === e.path)) continue
       seen.add(key)
-      problems.push({ file, path: e.path, message: e.message.toLowerCase(), hint: hintFor(e, schema) })
+      // Only the first letter: the message may quote a pattern, whose case matters.
+      problems.push({ file, path: e.path, message: e.message.charAt(0).toLowerCase() + e.message.slice(1), hint: hintFor(e, schema) })
     }
     return undefined
   }
   return Value.Decode(schema, value)
+}
+
+/** `converted`, except where the original was not a string and Convert changed its type. */
+function onlyFromStrings (original: unknown, converted: unknown): unknown {
+  if (original === converted) return converted
+  if (Array.isArray(original) && Array.isArray(converted)) return converted.map((v, i) => onlyFromStrings(original[i], v))
+  if (isObject(original) && isObject(converted)) {
+    const out: Record<string, unknown> = {}
+    for (const [k, v] of Object.entries(converted)) out[k] = onlyFromStrings(original[k], v)
+    return out
+  }
+  if (original !== undefined && original !== null && typeof original !== 'string' && typeof original !== typeof converted) return original
+  return converted
 }
 
 function deepFreeze<T> (value: T): T {
@@ -583,6 +600,19 @@ export function validateRoute (input: RouteInput, file: string, problems: Config
       problems.push({ file, path: '/static/root', message: `directory ${spec.static.root} does not exist`, hint: 'paths are relative to the route file' })
     } else {
       spec.static.root = root
+    }
+  }
+  const upstreamTls = spec.upstream?.tls
+  if (upstreamTls !== undefined) {
+    for (const key of ['ca', 'cert', 'key'] as const) {
+      const p = upstreamTls[key]
+      if (p === undefined) continue
+      const abs = isAbsolute(p) ? p : resolve(dirname(file), p)
+      if (existsSync(abs)) upstreamTls[key] = abs
+      else problems.push({ file, path: `/upstream/tls/${key}`, message: `file ${p} does not exist`, hint: 'paths are relative to the route file' })
+    }
+    if ((upstreamTls.cert === undefined) !== (upstreamTls.key === undefined)) {
+      problems.push({ file, path: '/upstream/tls', message: 'cert and key go together', hint: 'give both the client certificate and its key, for mTLS to the upstream' })
     }
   }
   if (problems.length > before) return undefined

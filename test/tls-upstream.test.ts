@@ -7,6 +7,8 @@ import type { TLSSocket } from 'node:tls'
 import { request } from 'undici'
 import { startGateway } from './helper.js'
 import { createCa } from './certs.js'
+import { basename } from 'node:path'
+import { ConfigError } from '../src/config.js'
 
 /** An HTTPS upstream answering with the client certificate's CN it saw (or "none"). */
 async function startHttpsUpstream (t: { after: (fn: () => unknown) => void }, options: https.ServerOptions): Promise<string> {
@@ -84,4 +86,20 @@ test('mTLS to the upstream: the route presents its client certificate; without o
   assert.equal(ok.body.clientCn, 'gatehouse')
   const refused = await get(`${gw.url}/anonymous/x`)
   assert.equal(refused.status, 502)
+})
+
+test('route tls files are relative to the route file; a missing one stops the start with the route file and field named', async (t) => {
+  const ca = createCa(t)
+  const leaf = ca.issue('api.internal')
+  const target = await startHttpsUpstream(t, { cert: leaf.cert, key: leaf.key })
+  // startGateway writes route files to <tmp>/gatehouse-test-*/routes; the CA sits in <tmp>/gatehouse-certs-*.
+  const relative = `../../${basename(ca.dir)}/ca.pem`
+  const gw = await startGateway(t, { routes: { rel: { match: { prefix: '/rel' }, upstream: { targets: [{ url: target }], tls: { ca: relative } } } } })
+  assert.equal((await get(`${gw.url}/rel/x`)).status, 200)
+
+  await assert.rejects(startGateway(t, { routes: { broken: { match: { prefix: '/b' }, upstream: { targets: [{ url: target }], tls: { ca: 'missing.pem' } } } } }), (err: Error) => {
+    assert.ok(err instanceof ConfigError)
+    assert.match(err.message, /broken\.yaml: \/upstream\/tls\/ca: file missing\.pem does not exist/)
+    return true
+  })
 })
