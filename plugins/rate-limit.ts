@@ -81,7 +81,7 @@ export function keyFunction (key: string): (request: FastifyRequest) => string {
  */
 const rateLimit: FastifyPluginAsync = async function rateLimit (fastify) {
   const { config, state, routes } = fastify.gatehouse
-  const redis = sharedRedis(config, state)
+  const redis = sharedRedis(config, state, fastify.log)
   const store = state.get<RateLimitStore>(RATE_LIMIT_STATE_KEY, () => redis !== undefined
     ? new RedisRateLimitStore(redis, { keyPrefix: config.redis?.keyPrefix ?? 'gatehouse:', log: fastify.log })
     : new MemoryRateLimitStore())
