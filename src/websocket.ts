@@ -35,9 +35,9 @@ interface PendingUpgrade {
 
 type UpgradeRequest = IncomingMessage & { [kUpgrade]?: PendingUpgrade }
 
-/** Whether a request reached Fastify through the 'upgrade' event and asks for WebSocket. */
+/** Whether a request reached Fastify through the 'upgrade' event and asks for WebSocket (RFC 6455: a GET). */
 export function isWebSocketUpgrade (req: IncomingMessage): boolean {
-  return (req as UpgradeRequest)[kUpgrade] !== undefined && /(^|,)\s*websocket\s*($|,)/i.test(req.headers.upgrade ?? '')
+  return (req as UpgradeRequest)[kUpgrade] !== undefined && req.method === 'GET' && /(^|,)\s*websocket\s*($|,)/i.test(req.headers.upgrade ?? '')
 }
 
 /** The open tunnels of the process: counted in metrics, destroyed at shutdown. */

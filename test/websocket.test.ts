@@ -5,7 +5,7 @@ import https from 'node:https'
 import { once } from 'node:events'
 import type { AddressInfo } from 'node:net'
 import WebSocket, { WebSocketServer } from 'ws'
-import { startGateway, startUpstream } from './helper.js'
+import { rawRequest, startGateway, startUpstream } from './helper.js'
 import { createCa } from './certs.js'
 import { metrics } from '../src/metrics.js'
 
@@ -155,7 +155,8 @@ test('upgrades go through IP filter, rate limit and route match first; a route w
     routes: {
       denied: { match: { prefix: '/denied' }, websocket: true, ipFilter: { deny: ['127.0.0.1'] }, upstream: { targets: [{ url: echo.url }] } },
       limited: { match: { prefix: '/limited' }, websocket: true, rateLimit: { max: 1, window: '1m' }, upstream: { targets: [{ url: echo.url }] } },
-      plain: { match: { prefix: '/plain' }, upstream: { targets: [{ url: echo.url }] } }
+      plain: { match: { prefix: '/plain' }, upstream: { targets: [{ url: echo.url }] } },
+      open: { match: { prefix: '/open' }, websocket: true, upstream: { targets: [{ url: echo.url }] } }
     }
   })
   const base = `ws://127.0.0.1:${gw.port}`
@@ -177,6 +178,10 @@ test('upgrades go through IP filter, rate limit and route match first; a route w
   const plain = await connect(`${base}/plain`)
   assert.equal(plain.status, 200)
   assert.equal(plain.body, 'plain http')
+  // A WebSocket handshake is a GET: a POST asking for an upgrade is forwarded as a plain POST.
+  const post = await rawRequest(gw.port, 'POST /open HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n')
+  assert.match(post, /^HTTP\/1\.1 200 /)
+  assert.match(post, /plain http$/)
   assert.equal(echo.upgrades.length, 1, 'only the allowed upgrade reached the upstream')
 })
 
