@@ -7,26 +7,37 @@ import { loadGatewayConfig, loadRoutes, type CliOverrides, type GatewayConfig } 
 import { GatewayServer, type ReloadResult } from './server.js'
 import { registry, setScrapeSource, type Scrape } from './metrics.js'
 import { metricsRoute } from '../plugins/metrics.js'
+import admin from '../plugins/admin.js'
 
 /*
  * `gatehouse start --workers N`: a node:cluster primary forks N workers that each run a
  * GatewayServer on the shared listening port (Node's round-robin scheduling). The primary serves
  * no traffic itself: it restarts dead workers with back-off, fans SIGHUP and SIGTERM out to them,
  * and runs the one admin listener, whose /metrics aggregates every worker's registry (a scrape of
- * a random worker would report a random fraction of the traffic).
+ * a random worker would report a random fraction of the traffic). Other admin requests are passed
+ * to the workers' admin API over IPC: reads to one worker, writes (POST /cache/purge) to all.
  */
 
 type MetricJSON = { name: string, help: string, type: string, aggregator?: string, values: Array<{ value: number, labels: Record<string, string | number>, metricName?: string }> }
 
 /** Messages between the primary and its workers. */
+interface AdminRequest { method: string, url: string, headers: Record<string, string>, body?: string }
+interface AdminResponse { statusCode: number, headers: Record<string, string>, body: string }
 type ToWorker =
   | { type: 'gatehouse:reload', id: number }
   | { type: 'gatehouse:metrics', id: number }
+  | { type: 'gatehouse:admin', id: number, request: AdminRequest }
+  | { type: 'gatehouse:scraped', id: number, scrape: Scrape }
   | { type: 'gatehouse:shutdown' }
 type FromWorker =
   | { type: 'gatehouse:ready', version: number, routes: number, port: number }
   | { type: 'gatehouse:reloaded', id: number, result: ReloadResult }
   | { type: 'gatehouse:metrics', id: number, metrics: MetricJSON[] }
+  | { type: 'gatehouse:admin', id: number, response: AdminResponse }
+  | { type: 'gatehouse:scrape', id: number }
+
+/** Admin response headers passed on from a worker (framing headers are the primary's own). */
+const ADMIN_HEADERS = ['content-type', 'cache-control', 'retry-after']
 
 /** `auto` is one worker per available core; otherwise a positive integer. Undefined: one process. */
 export function parseWorkers (value: string | undefined): number {
@@ -99,7 +110,7 @@ class Primary {
   /** The route-table generation: 1 at start, +1 per reload that every worker took. */
   private generation = 1
   private requests = 0
-  private readonly pending = new Map<number, { resolve: (m: FromWorker) => void }>()
+  private readonly pending = new Map<string, { resolve: (m: FromWorker) => void }>()
 
   constructor (options: ClusterOptions) {
     this.options = options
@@ -144,8 +155,11 @@ class Primary {
       info.routes = message.routes
       info.port = message.port
       this.logger.info({ worker: worker.id, pid: worker.process.pid, port: message.port }, 'worker ready')
-    } else if (message.type === 'gatehouse:reloaded' || message.type === 'gatehouse:metrics') {
-      const key = message.id * 10_000 + worker.id
+    } else if (message.type === 'gatehouse:scrape') {
+      // metrics.onMainListener: a worker's /metrics serves the cluster's aggregate too.
+      void this.scrape().then((scrape) => { if (worker.isConnected()) worker.send({ type: 'gatehouse:scraped', id: message.id, scrape } satisfies ToWorker) })
+    } else if (message.type === 'gatehouse:reloaded' || message.type === 'gatehouse:metrics' || message.type === 'gatehouse:admin') {
+      const key = `${message.id}:${worker.id}`
       this.pending.get(key)?.resolve(message)
       this.pending.delete(key)
     }
@@ -172,14 +186,15 @@ class Primary {
     this.retired = aggregateJSON([this.retired, monotonic])
   }
 
-  /** Sends a request to every ready worker; resolves with the answers that came within `timeout`. */
-  private async ask<T extends FromWorker> (make: (id: number) => ToWorker, timeout: number): Promise<Map<number, T>> {
+  /** Sends a request to every ready worker (or the first `limit`); resolves with the answers that came within `timeout`. */
+  private async ask<T extends FromWorker> (make: (id: number) => ToWorker, timeout: number, limit = Infinity): Promise<Map<number, T>> {
     const id = ++this.requests
     const answers = new Map<number, T>()
     const waits: Array<Promise<void>> = []
     for (const info of this.workers.values()) {
       if (!info.ready || !info.worker.isConnected()) continue
-      const key = id * 10_000 + info.worker.id
+      if (waits.length >= limit) break
+      const key = `${id}:${info.worker.id}`
       waits.push(new Promise<void>((resolve) => {
         const timer = setTimeout(() => { this.pending.delete(key); resolve() }, timeout)
         this.pending.set(key, { resolve: (m) => { clearTimeout(timer); answers.set(info.worker.id, m as T); resolve() } })
@@ -241,6 +256,24 @@ class Primary {
       const result = await this.reload()
       return await reply.code(result.ok ? 200 : 422).send(result)
     })
+    // Everything else is the workers' admin API: a read from one worker, a write to every one
+    // (each has its own memory cache and health view); the first failure, if any, is the answer.
+    app.removeAllContentTypeParsers()
+    app.addContentTypeParser('*', { parseAs: 'string' }, (_request, body, done) => { done(null, body) })
+    app.all('/*', async (request, reply) => {
+      const forwarded: AdminRequest = {
+        method: request.method,
+        url: request.url,
+        headers: Object.fromEntries(Object.entries(request.headers).filter(([k, v]) => typeof v === 'string' && k !== 'content-length' && k !== 'connection') as Array<[string, string]>),
+        ...(typeof request.body === 'string' && request.body !== '' ? { body: request.body } : {})
+      }
+      const answers = await this.ask<Extract<FromWorker, { type: 'gatehouse:admin' }>>((id) => ({ type: 'gatehouse:admin', id, request: forwarded }), 30_000, request.method === 'GET' || request.method === 'HEAD' ? 1 : Infinity)
+      const responses = [...answers.values()].map((a) => a.response)
+      if (responses.length === 0) return await reply.code(503).send({ status: 'no worker answered' })
+      const res = responses.find((r) => r.statusCode >= 400) ?? responses[0]
+      for (const h of ADMIN_HEADERS) if (res.headers[h] !== undefined) reply.header(h, res.headers[h])
+      return await reply.code(res.statusCode).send(res.body)
+    })
     await app.listen({ port: settings.port, host: settings.host })
   }
 
@@ -277,6 +310,14 @@ function aggregateJSON (sets: MetricJSON[][]): MetricJSON[] {
   return (merged.getMetricsAsArray() as unknown as Array<{ get: () => MetricJSON }>).map((m) => m.get())
 }
 
+async function answerAdmin (app: FastifyInstance | undefined, request: AdminRequest): Promise<AdminResponse> {
+  if (app === undefined) return { statusCode: 503, headers: { 'content-type': 'application/json' }, body: '{"status":"starting"}' }
+  const res = await app.inject({ method: request.method as 'GET', url: request.url, headers: request.headers, ...(request.body !== undefined ? { payload: request.body } : {}) })
+  const headers: Record<string, string> = {}
+  for (const h of ADMIN_HEADERS) if (typeof res.headers[h] === 'string') headers[h] = res.headers[h]
+  return { statusCode: res.statusCode, headers, body: res.body }
+}
+
 /** A worker: one GatewayServer without its own admin listener, steered by the primary over IPC. */
 async function runWorker (options: ClusterOptions): Promise<void> {
   const gateway = new GatewayServer({ configFile: options.configFile, overrides: options.overrides, admin: false })
@@ -288,8 +329,17 @@ async function runWorker (options: ClusterOptions): Promise<void> {
     })
     await stopping
   }
+  // The admin API of this worker, never listening: the primary passes admin requests to it.
+  const worker: { admin?: FastifyInstance } = {}
+  const scrapes = new Map<number, (s: Scrape) => void>()
+  let scrapeIds = 0
   process.on('message', (message: ToWorker) => {
-    if (message.type === 'gatehouse:reload') {
+    if (message.type === 'gatehouse:admin') {
+      void answerAdmin(worker.admin, message.request).then((response) => process.send?.({ type: 'gatehouse:admin', id: message.id, response } satisfies FromWorker))
+    } else if (message.type === 'gatehouse:scraped') {
+      scrapes.get(message.id)?.(message.scrape)
+      scrapes.delete(message.id)
+    } else if (message.type === 'gatehouse:reload') {
       void gateway.reload().then((result) => process.send?.({ type: 'gatehouse:reloaded', id: message.id, result } satisfies FromWorker))
     } else if (message.type === 'gatehouse:metrics') {
       void registry.getMetricsAsJSON().then((metrics) => process.send?.({ type: 'gatehouse:metrics', id: message.id, metrics: metrics as unknown as MetricJSON[] } satisfies FromWorker))
@@ -302,6 +352,15 @@ async function runWorker (options: ClusterOptions): Promise<void> {
   process.on('SIGINT', () => { void stop() })
   process.on('SIGHUP', () => { void gateway.reload() })
   process.on('disconnect', () => { void stop() })
+  setScrapeSource(async () => await new Promise<Scrape>((resolve) => {
+    const id = ++scrapeIds
+    scrapes.set(id, resolve)
+    process.send?.({ type: 'gatehouse:scrape', id } satisfies FromWorker)
+  }))
   await gateway.start()
+  const adminApp = Fastify({ loggerInstance: gateway.logger as FastifyBaseLogger, logController: new LogController({ disableRequestLogging: true }) }) as unknown as FastifyInstance
+  await adminApp.register(admin, { gateway })
+  await adminApp.ready()
+  worker.admin = adminApp
   process.send?.({ type: 'gatehouse:ready', version: gateway.version, routes: gateway.routes.length, port: gateway.address().port } satisfies FromWorker)
 }

@@ -36,6 +36,7 @@ async function startCluster (t: { after: (fn: () => Promise<void> | void) => voi
     admin: { host: '127.0.0.1', port: adminPort },
     routes: './routes',
     logging: { level: 'info', accessLog: false },
+    metrics: { onMainListener: true },
     limits: { shutdownTimeout: '20s' }
   }))
   const child = spawn(process.execPath, [CLI, 'start', '--config', join(dir, 'gatehouse.yaml'), '--workers', String(workers)], { stdio: ['ignore', 'pipe', 'pipe'] })
@@ -98,8 +99,15 @@ test('--workers: auto is the number of cores; anything but a positive integer is
 })
 
 test('--workers 2 serves on one port, aggregates /metrics, survives a killed worker and reloads every worker on SIGHUP', async (t) => {
-  const up = await startUpstream(t)
-  const cluster = await startCluster(t, { svc: { match: { prefix: '/svc' }, upstream: { targets: [{ url: up.url }] } } })
+  const up = await startUpstream(t, (req, res) => {
+    const body = JSON.stringify({ url: req.url })
+    res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body), 'cache-control': 'public, max-age=60' })
+    res.end(body)
+  })
+  const cluster = await startCluster(t, {
+    svc: { match: { prefix: '/svc' }, upstream: { targets: [{ url: up.url }] } },
+    cached: { match: { prefix: '/cached' }, upstream: { targets: [{ url: up.url }] }, cache: { enabled: true } }
+  })
 
   const workers = JSON.parse((await get(`${cluster.adminUrl}/workers`)).body) as { workers: Array<{ pid: number, ready: boolean }> }
   assert.equal(workers.workers.length, 2)
@@ -109,6 +117,9 @@ test('--workers 2 serves on one port, aggregates /metrics, survives a killed wor
   for (let i = 0; i < 10; i++) assert.equal((await get(`${cluster.url}/svc/a`)).status, 200)
   // Round-robin gave each worker about half: only a sum over both registries says 10.
   assert.equal(await requestsTotal(cluster.adminUrl, 'svc'), 10)
+  // metrics.onMainListener: a worker's own /metrics serves the same aggregate.
+  const main = await get(`${cluster.url}/metrics`)
+  assert.match(main.body, /^gatehouse_requests_total\{route="svc",method="GET",status="200"\} 10$/m)
 
   const victim = workers.workers[0].pid
   process.kill(victim, 'SIGKILL')
@@ -123,6 +134,24 @@ test('--workers 2 serves on one port, aggregates /metrics, survives a killed wor
   // The dead worker's requests are still counted: the total never goes backwards.
   assert.equal(await requestsTotal(cluster.adminUrl, 'svc'), 18)
 
+  // Admin requests other than /metrics, /readyz and /reload are the workers': reads from one...
+  const upstreams = await get(`${cluster.adminUrl}/upstreams`)
+  assert.equal(upstreams.status, 200)
+  assert.deepEqual((JSON.parse(upstreams.body) as { routes: Array<{ route: string }> }).routes.map((r) => r.route).sort(), ['cached', 'svc'])
+  // ...writes to all: each worker has its own memory cache, and a purge must empty every one.
+  // Sequential new connections alternate between the two workers: each misses once, then hits.
+  const xcache = async (): Promise<string> => await new Promise((resolve, reject) => {
+    http.get(`${cluster.url}/cached/item`, { agent: false }, (res) => { res.resume(); res.on('end', () => resolve(String(res.headers['x-cache']))) }).on('error', reject)
+  })
+  assert.deepEqual([await xcache(), await xcache(), await xcache(), await xcache()], ['MISS', 'MISS', 'HIT', 'HIT'])
+  const purge = await new Promise<number>((resolve, reject) => {
+    const req = http.request(`${cluster.adminUrl}/cache/purge`, { method: 'POST', agent: false, headers: { 'content-type': 'application/json' } }, (res) => { res.resume(); resolve(res.statusCode ?? 0) })
+    req.on('error', reject)
+    req.end(JSON.stringify({ route: 'cached' }))
+  })
+  assert.equal(purge, 200)
+  assert.deepEqual([await xcache(), await xcache()], ['MISS', 'MISS'], 'both workers dropped their copy')
+
   writeFileSync(join(cluster.dir, 'routes', 'extra.yaml'), stringify({ match: { prefix: '/extra' }, upstream: { targets: [{ url: up.url }] } }))
   assert.equal((await get(`${cluster.url}/extra/x`)).status, 404)
   cluster.child.kill('SIGHUP')
@@ -131,7 +160,7 @@ test('--workers 2 serves on one port, aggregates /metrics, survives a killed wor
   for (let i = 0; i < 6; i++) assert.equal((await get(`${cluster.url}/extra/x`)).status, 200)
   const ready = JSON.parse((await get(`${cluster.adminUrl}/readyz`)).body) as { version: number, routes: number }
   assert.equal(ready.version, 2)
-  assert.equal(ready.routes, 2)
+  assert.equal(ready.routes, 3)
 })
 
 test('SIGTERM to the primary: every worker finishes its in-flight request, then the primary exits 0', async (t) => {
