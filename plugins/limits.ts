@@ -2,7 +2,7 @@ import fp from 'fastify-plugin'
 import underPressure from '@fastify/under-pressure'
 import type { Server } from 'node:net'
 import type { FastifyPluginAsync } from 'fastify'
-import { GATEHOUSE_OVERLOADED } from '../src/errors.js'
+import { GATEHOUSE_BAD_REQUEST, GATEHOUSE_OVERLOADED } from '../src/errors.js'
 
 /** Seconds a client is told to wait when the gateway sheds load. */
 export const OVERLOAD_RETRY_AFTER = 5
@@ -41,6 +41,19 @@ export function limitConnectionsPerIp (server: Server, max: number | undefined, 
  */
 const limits: FastifyPluginAsync = async function limits (fastify) {
   const { maxConcurrent, maxEventLoopDelay } = fastify.gatehouse.config.limits
+  // Node's parser hands over a chunked request as soon as its head is parsed, and rejects a
+  // malformed chunk later in the same read. Waiting one turn of the event loop lets it finish
+  // what has arrived: a request whose framing already failed (the server answered 400 and
+  // closed) is then never sent upstream. A body that breaks later is cut off mid-stream, so an
+  // upstream never receives it complete.
+  fastify.addHook('preParsing', function holdChunked (request, _reply, payload, done) {
+    if (request.headers['transfer-encoding'] === undefined) return done(null, payload)
+    setImmediate(() => {
+      const socket = request.raw.socket
+      if (socket.destroyed || socket.writableEnded || request.raw.errored !== null) done(new GATEHOUSE_BAD_REQUEST('The request body is malformed'))
+      else done(null, payload)
+    })
+  })
   if (maxEventLoopDelay !== undefined) {
     await fastify.register(underPressure, {
       maxEventLoopDelay,

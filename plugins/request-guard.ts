@@ -1,7 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyPluginAsync } from 'fastify'
 import type { IncomingMessage } from 'node:http'
-import { GATEHOUSE_BAD_HOST, GATEHOUSE_BAD_PATH } from '../src/errors.js'
+import { GATEHOUSE_BAD_HOST, GATEHOUSE_BAD_PATH, GATEHOUSE_BAD_REQUEST } from '../src/errors.js'
 import { BadPathError, normalizeUrl } from '../src/path.js'
 
 const kBadPath = Symbol('gatehouse.badPath')
@@ -33,6 +33,10 @@ const requestGuard: FastifyPluginAsync = async function requestGuard (fastify) {
     if (bad !== undefined) return done(new GATEHOUSE_BAD_PATH(bad))
     const host = request.headers.host
     if (host === undefined ? request.raw.httpVersion === '1.1' : host.includes(',')) return done(new GATEHOUSE_BAD_HOST())
+    // Node accepts codings before `chunked` (and an unterminated list) that it cannot undo; an
+    // upstream could frame such a body differently, so only plain chunked is forwarded.
+    const te = request.headers['transfer-encoding']
+    if (te !== undefined && te.toLowerCase() !== 'chunked') return done(new GATEHOUSE_BAD_REQUEST('Transfer-Encoding other than chunked is not accepted'))
     done()
   })
 }

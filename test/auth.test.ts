@@ -137,7 +137,7 @@ test('RS256 with a public key file: HS256 signed with the public key (algorithm 
 test('API keys: the consumer name is forwarded instead of the key, a forged consumer header is dropped', async (t) => {
   const up = await startUpstream(t)
   const gw = await startGateway(t, {
-    config: { apiKeys: { header: 'x-api-key', keys: { 'mobile-app': '${MOBILE_KEY}', partner: 'partner-key-0123456789' } } },
+    config: { apiKeys: { header: 'x-api-key', keys: { 'mobile-app': '$' + '{MOBILE_KEY}', partner: 'partner-key-0123456789' } } },
     env: { MOBILE_KEY: 'mobile-key-abcdefghij' },
     routes: {
       svc: { match: { prefix: '/svc' }, upstream: { targets: [{ url: up.url }] }, auth: { apiKey: true } },

@@ -127,6 +127,9 @@ export class RedisRateLimitStore implements RateLimitStore {
     this.client = client as GcraClient
     this.prefix = options.keyPrefix + 'rl:'
     this.log = options.log
+    // Connection errors surface as failed checks (logged once per outage); without a listener
+    // ioredis would print every reconnect attempt.
+    client.on('error', () => {})
   }
 
   async consume (key: string, max: number, windowMs: number): Promise<RateLimitResult> {
