@@ -111,9 +111,17 @@ test('renewed certificate files are used by new connections; an open connection 
   const keyFile = join(ca.dir, 'live.key')
   copyFileSync(first.certFile, certFile)
   copyFileSync(first.keyFile, keyFile)
-  const gw = await startGateway(t, { routes: { svc: route(up.url) }, config: { tls: { cert: certFile, key: keyFile } } })
+  // An SNI entry renewed in place (truncate and write) is picked up too.
+  const apiFirst = ca.issue('api.test')
+  const apiSecond = ca.issue('api.test')
+  const apiCert = join(ca.dir, 'api-live.pem')
+  const apiKey = join(ca.dir, 'api-live.key')
+  copyFileSync(apiFirst.certFile, apiCert)
+  copyFileSync(apiFirst.keyFile, apiKey)
+  const gw = await startGateway(t, { routes: { svc: route(up.url) }, config: { tls: { cert: certFile, key: keyFile, sni: { 'api.test': { cert: apiCert, key: apiKey } } } } })
   const certs = gw.gateway.certificates
   assert.ok(certs)
+  assert.equal((await peerCert(gw.port, 'api.test')).fingerprint256, apiFirst.fingerprint256)
 
   const old = new Client(`https://127.0.0.1:${gw.port}`, { connect: { ca: ca.ca }, pipelining: 1 })
   t.after(() => old.close())
@@ -131,6 +139,14 @@ test('renewed certificate files are used by new connections; an open connection 
   await reloaded
 
   assert.equal((await peerCert(gw.port)).fingerprint256, second.fingerprint256)
+  assert.equal((await peerCert(gw.port, 'api.test')).fingerprint256, apiFirst.fingerprint256, 'an unchanged SNI pair stays')
+
+  const sniReloaded = once(certs, 'reloaded')
+  writeFileSync(apiKey, apiSecond.key)
+  writeFileSync(apiCert, apiSecond.cert)
+  assert.deepEqual((await sniReloaded)[0], ['api.test'])
+  assert.equal((await peerCert(gw.port, 'api.test')).fingerprint256, apiSecond.fingerprint256)
+
   const after = await old.request({ path: '/svc/2', method: 'GET' })
   assert.equal(after.statusCode, 200)
   await after.body.dump()
