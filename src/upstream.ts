@@ -226,7 +226,6 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
       delete opts.headers[kRequest]
       const state = request.upstream as UpstreamState
       const gone = new ClientGone(state.res)
-      opts.signal = gone as unknown as AbortSignal
       if (state.path !== undefined) opts.path = state.path
       if (state.body !== undefined) opts.body = state.body
       const deadline = performance.now() + deadlineMs
@@ -240,9 +239,19 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
         // The Host reply-from set is the first target's; a Host the route chose stays.
         if (previous !== undefined && previous !== target && opts.headers.host === previous.host) opts.headers.host = target.host
         const started = performance.now()
-        opts.headersTimeout = Math.max(1, Math.min(up!.timeouts.response, deadline - started))
+        // undici's headersTimeout ticks in half seconds (300 ms fires after ~1 s): each attempt
+        // gets its own timer, and its own signal, which the client going away aborts too.
+        const attemptAbort = new AbortController()
+        const onGone = (): void => { attemptAbort.abort(abortError('the client went away', 'UND_ERR_ABORTED')) }
+        gone.on('abort', onGone)
+        const timer = setTimeout(() => { attemptAbort.abort(abortError('the upstream did not answer in time', 'UND_ERR_HEADERS_TIMEOUT')) }, Math.max(1, Math.min(up!.timeouts.response, deadline - started)))
+        opts.signal = attemptAbort.signal
         const admission = pool.started(target)
-        agent.request(opts, (err, res) => {
+        agent.request(opts, (err, settled) => {
+          clearTimeout(timer)
+          // undici answers a failure with (err, { opaque }): only a null error carries a response.
+          const res = err === null ? settled : undefined
+          if (res === undefined) gone.removeListener('abort', onGone)
           const now = performance.now()
           state.upstreamMs = now - started
           const labels = pool.labels(target)
@@ -264,11 +273,14 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
             if (next !== undefined) {
               metrics.upstreamRequests.inc({ ...labels, outcome: 'retried' })
               // The failed response's body is read away (or the connection dropped past 64 KiB).
-              if (res !== undefined) res.body.dump({ limit: 65536 }).catch(() => {})
+              if (res !== undefined) {
+                gone.removeListener('abort', onGone)
+                res.body.dump({ limit: 65536 }).catch(() => {})
+              }
               state.attempts++
               const base = backoff * 2 ** (state.attempts - 2)
               const timer = setTimeout(() => {
-                if (gone.aborted) cb(Object.assign(new Error('the client went away'), { code: 'UND_ERR_ABORTED' }))
+                if (gone.aborted) cb(abortError('the client went away', 'UND_ERR_ABORTED'))
                 else attempt(next)
               }, base / 2 + Math.random() * base)
               timer.unref()
@@ -417,6 +429,10 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
       }
     }
   }
+}
+
+function abortError (message: string, code: string): Error {
+  return Object.assign(new Error(message), { code })
 }
 
 async function readAll (stream: Readable): Promise<Buffer> {

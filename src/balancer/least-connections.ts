@@ -2,27 +2,27 @@ import type { Algorithm } from './algorithm.js'
 import type { Target } from './target.js'
 
 /**
- * The available target with the fewest requests in flight relative to its weight; ties go round
- * the list, so an idle route still spreads its requests.
+ * The available target with the fewest requests in flight relative to its weight; ties take
+ * turns, so an idle route still spreads its requests evenly.
  */
 export class LeastConnections implements Algorithm {
   readonly name = 'least-connections'
-  private start = 0
+  private turn = 0
 
   pick (targets: readonly Target[], ok: (t: Target) => boolean): Target | undefined {
-    const n = targets.length
-    let best: Target | undefined
+    let ties: Target[] = []
     let bestLoad = Infinity
-    for (let i = 0; i < n; i++) {
-      const t = targets[(this.start + i) % n]
+    for (const t of targets) {
       if (!ok(t)) continue
       const load = t.inflight / t.weight
       if (load < bestLoad) {
-        best = t
+        ties = [t]
         bestLoad = load
+      } else if (load === bestLoad) {
+        ties.push(t)
       }
     }
-    this.start = (this.start + 1) % Math.max(1, n)
-    return best
+    if (ties.length === 0) return undefined
+    return ties[this.turn++ % ties.length]
   }
 }
