@@ -515,6 +515,10 @@ async function soak (bench: Bench, runs: Running[], opts: Options): Promise<void
   const r = runs.find((x) => x.scenario.kind === 'gateway' && x.skipped === undefined)
   if (r === undefined) throw new Error('no runnable gateway scenario to soak')
   const pid = r.process?.pid
+  // JIT, pools and caches fill up first: RSS growth is measured on a warm process.
+  const warmup = Math.max(opts.warmup, 10)
+  process.stdout.write(`soak: warming ${r.scenario.name} up for ${warmup} s ...\n`)
+  await bench.load({ url: r.url, headers: r.scenario.headers, connections: opts.connections, duration: warmup, rate: 0, h2: r.scenario.protocol === 'h2' })
   const samples: Array<{ t: number, rssMiB?: number }> = []
   const started = Date.now()
   const timer = setInterval(() => samples.push({ t: Math.round((Date.now() - started) / 1000), rssMiB: rssMiB(pid) }), 1000)
@@ -534,8 +538,8 @@ async function soak (bench: Bench, runs: Running[], opts: Options): Promise<void
     `Taken ${out.taken.slice(0, 16).replace('T', ' ')} UTC on ${String(out.machine.cpus)} × ${String(out.machine.cpuModel)}, Node ${process.version}; ${String(out.machine.pinned)}.`,
     '',
     `${r.scenario.title}: ${opts.soak} s at full load (${opts.connections} connections): ${result.requests} requests, ${result.rps} req/s, ` +
-      `${result.errors + result.timeouts} errors, ${result.non2xx} non-2xx; p99 ${result.p99} ms. ` +
-      `RSS ${base} MiB after warm-up -> ${end} MiB at the end (${growth >= 0 ? '+' : ''}${growth} %), peak ${out.rss.peakMiB ?? '?'} MiB.`,
+      `${result.errors + result.timeouts} errors, ${result.non2xx} non-2xx; p99 ${fmt(result.p99)} ms. ` +
+      `RSS ${base} MiB after ${warmup} s of warm-up -> ${end} MiB at the end (${growth >= 0 ? '+' : ''}${growth} %), peak ${out.rss.peakMiB ?? '?'} MiB.`,
     ''
   ].join('\n')
   writeFileSync(join(opts.out, 'soak-latest.md'), md)
