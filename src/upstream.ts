@@ -185,6 +185,9 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     key: readMaybe(tls?.key),
     ...(tls?.servername !== undefined ? { servername: tls.servername } : {})
   }
+  // upstream.http2: h2 offered by ALPN on https targets (HTTP/1.1 if a target does not take it),
+  // h2c with prior knowledge on http targets. (undici's Pool reads useH2c from the connect options.)
+  const h2 = up.http2 ? { allowH2: true, connect: { ...connect, useH2c: true } } : { connect }
   const agent = new Agent({
     connections: up.connections,
     pipelining: 1,
@@ -192,10 +195,10 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     keepAliveMaxTimeout: up.keepAliveTimeout,
     headersTimeout: up.timeouts.response,
     bodyTimeout: up.timeouts.idle ?? up.timeouts.response,
-    connect
+    ...h2
   })
   // Probes get their own small pool: a target whose pool is full of slow requests is still probed.
-  const probeAgent = up.healthCheck !== undefined ? new Agent({ connections: 1, pipelining: 1, connect }) : undefined
+  const probeAgent = up.healthCheck !== undefined ? new Agent({ connections: 1, pipelining: 1, ...h2 }) : undefined
 
   /** Whether a failed attempt may be sent again to another target; which one, or undefined. */
   function retryTarget (request: FastifyRequest, opts: Dispatcher.RequestOptions, state: UpstreamState, kind: FailureKind | undefined, tried: ReadonlySet<Target>, remaining: number): Target | undefined {
@@ -254,10 +257,9 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
           if (res === undefined) gone.removeListener('abort', onGone)
           const now = performance.now()
           state.upstreamMs = now - started
-          const labels = pool.labels(target)
           let result: AttemptResult | null
           if (res !== undefined) {
-            metrics.upstreamDuration.observe(labels, state.upstreamMs / 1000)
+            pool.observe(target, state.upstreamMs)
             result = res.statusCode >= 500 ? { ok: false, kind: 'status', status: res.statusCode } : { ok: true }
           } else {
             const kind = failureKind(err)
@@ -271,7 +273,7 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
             }
             const next = retryTarget(request, opts, state, result.kind, tried, deadline - now)
             if (next !== undefined) {
-              metrics.upstreamRequests.inc({ ...labels, outcome: 'retried' })
+              pool.count(target, 'retried')
               // The failed response's body is read away (or the connection dropped past 64 KiB).
               if (res !== undefined) {
                 gone.removeListener('abort', onGone)
@@ -288,7 +290,7 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
             }
           }
           const outcome = result === null ? 'error' : result.ok ? 'ok' : result.kind === 'timeout' ? 'timeout' : 'error'
-          metrics.upstreamRequests.inc({ ...labels, outcome })
+          pool.count(target, outcome)
           cb(err, res)
         })
       }

@@ -25,6 +25,15 @@ export function createAlgorithm (name: string, targets: readonly Target[], hashK
   }
 }
 
+/** gatehouse_upstream_requests_total outcomes. */
+export type Outcome = 'ok' | 'error' | 'timeout' | 'retried' | 'circuit_open'
+
+/** One target's metric children, looked up once instead of per request. */
+interface TargetMetrics {
+  outcomes: Record<Outcome, { inc: () => void }>
+  duration: { observe: (seconds: number) => void }
+}
+
 /** The result of one attempt at a target, as the pool counts it. */
 export type AttemptResult = { ok: true } | { ok: false, kind: FailureKind, status?: number }
 
@@ -77,6 +86,7 @@ export class UpstreamPool implements Balancer {
   private readonly passive: Upstream['passive']
   private readonly maxEjectFor: number
   private readonly timers = new Set<NodeJS.Timeout>()
+  private readonly children = new Map<Target, TargetMetrics>()
 
   constructor (route: string, up: Upstream, targets: readonly Target[] = up.targets.map((t) => new Target(t.url, t.weight))) {
     this.route = route
@@ -99,6 +109,29 @@ export class UpstreamPool implements Balancer {
 
   labels (t: Target): { route: string, target: string } {
     return { route: this.route, target: t.origin }
+  }
+
+  /** Counts one attempt at `t` (target label: its origin). */
+  count (t: Target, outcome: Outcome): void {
+    this.metricsOf(t).outcomes[outcome].inc()
+  }
+
+  /** Records the time until `t`'s response headers came. */
+  observe (t: Target, ms: number): void {
+    this.metricsOf(t).duration.observe(ms / 1000)
+  }
+
+  private metricsOf (t: Target): TargetMetrics {
+    let m = this.children.get(t)
+    if (m === undefined) {
+      const c = (outcome: Outcome): { inc: () => void } => metrics.upstreamRequests.labels(this.route, t.origin, outcome)
+      m = {
+        outcomes: { ok: c('ok'), error: c('error'), timeout: c('timeout'), retried: c('retried'), circuit_open: c('circuit_open') },
+        duration: metrics.upstreamDuration.labels(this.route, t.origin)
+      }
+      this.children.set(t, m)
+    }
+    return m
   }
 
   pick (request: FastifyRequest, exclude?: ReadonlySet<Target>): Target | undefined {
