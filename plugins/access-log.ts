@@ -47,9 +47,10 @@ export function redactPath (url: string, extra?: RegExp): string {
 
 const kBytesIn = Symbol('gatehouse.accessLog.bytesIn')
 const kBytesOut = Symbol('gatehouse.accessLog.bytesOut')
+const kIp = Symbol('gatehouse.accessLog.ip')
 
 interface Count { n: number }
-type CountedReply = FastifyReply & { [kBytesIn]?: Count, [kBytesOut]?: Count }
+type CountedReply = FastifyReply & { [kBytesIn]?: Count, [kBytesOut]?: Count, [kIp]?: string }
 
 /** Counts a chunked request body as the route's parser reads it. */
 class CountIn extends Transform {
@@ -100,8 +101,13 @@ const accessLog: FastifyPluginAsync<AccessLogOptions> = async function accessLog
   const extra = opts.apiKeyHeader !== undefined ? new RegExp(`^${opts.apiKeyHeader.replace(/[^A-Za-z0-9]/g, '.')}$`, 'i') : undefined
 
   fastify.addHook('preParsing', function countBodyIn (request, reply, payload, done) {
+    const headers = request.headers
+    if (headers['content-length'] === undefined && headers['transfer-encoding'] === undefined) return done(null, payload)
+    // undici sets `socket = null` on an IncomingMessage it was given as a body once it is sent
+    // (undici util.destroy), and request.ip reads the socket: take the address while it is there.
+    ;(reply as CountedReply)[kIp] = request.ip
     // A declared length is exact (Node enforces it); only a chunked body needs counting.
-    if (request.headers['transfer-encoding'] === undefined) return done(null, payload)
+    if (headers['transfer-encoding'] === undefined) return done(null, payload)
     const count: Count = { n: 0 }
     ;(reply as CountedReply)[kBytesIn] = count
     const counter = new CountIn(count)
@@ -135,7 +141,7 @@ const accessLog: FastifyPluginAsync<AccessLogOptions> = async function accessLog
     const cache = reply.getHeader('x-cache')
     request.log.info({
       msg: 'request',
-      ip: request.ip,
+      ip: counted[kIp] ?? (request.raw.socket != null ? request.ip : null),
       route: up?.route ?? request.routeOptions.config.gatehouse?.name ?? null,
       method: request.method,
       path: redactPath(request.url, extra),
