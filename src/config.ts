@@ -208,6 +208,7 @@ export const RouteSchema = Type.Object({
     }, Strict)),
     connections: Type.Integer({ minimum: 1, maximum: 10000, default: 128 }),
     keepAliveTimeout: Duration,
+    http2: Type.Boolean({ default: false, hint: 'true speaks HTTP/2 to the targets: h2 by ALPN on https targets, h2c on http targets' }),
     tls: Type.Optional(Type.Object({
       ca: Type.Optional(Type.String({ hint: 'the path of a PEM CA bundle' })),
       cert: Type.Optional(Type.String()),
