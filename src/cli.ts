@@ -1,13 +1,15 @@
 #!/usr/bin/env node
 import { parseArgs } from 'node:util'
 import { existsSync } from 'node:fs'
+import { METHODS } from 'node:http'
 import pino from 'pino'
 import closeWithGrace from 'close-with-grace'
-import type { RouteOptions } from 'fastify'
-import { ConfigError, loadGatewayConfig, loadRoutes, normalizePrefix, type CliOverrides, type RouteDefinition } from './config.js'
+import Fastify from 'fastify'
+import { ConfigError, loadGatewayConfig, loadRoutes, normalizePrefix, type CliOverrides, type GatewayConfig, type RouteDefinition } from './config.js'
 import { GatewayServer } from './server.js'
 import { clustered, parseWorkers, startCluster } from './cluster.js'
-import { buildGateway } from './app.js'
+import { fastifyOptions } from './app.js'
+import { routeUrls } from './upstream.js'
 import { normalizeUrl, upstreamPath, BadPathError } from './path.js'
 import { formatDuration } from './units.js'
 
@@ -115,6 +117,37 @@ async function check (args: Args): Promise<void> {
   process.stdout.write(`\n${routes.length} route${routes.length === 1 ? '' : 's'} OK\n`)
 }
 
+/**
+ * Which route the gateway's router picks: the route table registered on a bare Fastify with the
+ * gateway's own router options and host constraint, each route answering its index, and one
+ * injected request. (Fastify's findRoute() looks up a registered pattern, not a URL.) Nothing is
+ * forwarded and no concern runs, so explain has no side effects (no upstream, no Redis).
+ */
+async function matchRoute (config: GatewayConfig, routes: readonly RouteDefinition[], method: string, path: string, headers: Record<string, string>): Promise<RouteDefinition | undefined> {
+  const app = Fastify(fastifyOptions(config, pino({ level: 'silent' })) as Parameters<typeof Fastify>[0])
+  for (const m of METHODS) if (m !== 'CONNECT' && !app.supportedMethods.includes(m)) app.addHttpMethod(m, { hasBody: true })
+  const all = app.supportedMethods.filter((m) => m !== 'CONNECT')
+  routes.forEach((route, i) => {
+    const prefix = normalizePrefix(route.match.prefix)
+    for (const host of route.match.hosts?.map((h) => h.toLowerCase()) ?? [undefined]) {
+      for (const url of routeUrls(prefix)) {
+        app.route({
+          method: route.match.methods !== undefined ? [...route.match.methods] : all,
+          url,
+          ...(host !== undefined ? { constraints: { hostname: host } } : {}),
+          handler: async () => String(i)
+        })
+      }
+    }
+  })
+  app.setNotFoundHandler(async (_request, reply) => await reply.code(404).send('none'))
+  app.removeAllContentTypeParsers()
+  app.addContentTypeParser('*', (_request, payload, done) => { done(null, payload) })
+  const res = await app.inject({ method: method as 'GET', url: path, headers })
+  await app.close()
+  return res.statusCode === 200 ? routes[Number(res.body)] : undefined
+}
+
 async function explain (args: Args): Promise<void> {
   const [method, rawUrl] = args.positionals
   if (method === undefined || rawUrl === undefined) fail('explain needs METHOD and URL, e.g. gatehouse explain GET http://api.example.com/orders/1')
@@ -133,14 +166,8 @@ async function explain (args: Args): Promise<void> {
     if (err instanceof BadPathError) fail(`${method} ${rawUrl}: refused with 400 (${err.message})`)
     throw err
   }
-  const byHandler = new Map<unknown, RouteOptions>()
-  const app = await buildGateway(config.config, routes, pino({ level: 'silent' }), {
-    onRoute: (options) => { byHandler.set(options.handler, options) }
-  })
   const host = headers.host.replace(/:\d+$/, '').toLowerCase()
-  const found = app.findRoute({ method: method.toUpperCase(), url: path.split('?')[0], constraints: { hostname: host } } as Parameters<typeof app.findRoute>[0])
-  const route = found !== null ? byHandler.get(found.handler)?.config?.gatehouse : undefined
-  await app.close()
+  const route = await matchRoute(config.config, routes, method.toUpperCase(), path, headers)
   if (route === undefined) {
     process.stdout.write(`${method.toUpperCase()} ${path} (host ${host}): no route, the gateway answers 404 GATEHOUSE_ROUTE_NOT_FOUND\n`)
     process.exitCode = 2

@@ -366,7 +366,7 @@ function validate<S extends TSchema> (schema: S, raw: unknown, file: string, pro
   let value = Value.Default(schema, raw)
   // Convert turns interpolated strings ("8080", "true") into their types; it would also turn
   // `bodyLimit: true` into 1 byte: conversions from anything but a string are undone.
-  value = onlyFromStrings(value, Value.Convert(schema, value))
+  value = onlyFromStrings(value, Value.Convert(schema, Value.Clone(value)))
   const errors = [...Value.Errors(schema, value)]
   if (errors.length > 0) {
     // A union reports its own failure and each branch's: keep the most specific ones.
