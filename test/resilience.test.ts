@@ -308,3 +308,26 @@ test('a reload that removes a route stops its health probes', async (t) => {
   assert.ok(probes() <= after + 1, `${probes() - after} probes after the reload`)
   assert.equal((await targetOf(gw, 'probed', up.url)).lastCheck, null)
 })
+
+test('passive outlier detection over real sockets: consecutive 5xx eject a target for ejectFor', async (t) => {
+  const bad = await startUpstream(t, (_req, res) => { res.writeHead(500); res.end('broken') })
+  const goods = await Promise.all([startUpstream(t, ok), startUpstream(t, ok)])
+  const gw = await startGateway(t, {
+    routes: {
+      outlier: {
+        match: { prefix: '/outlier' },
+        upstream: { targets: [bad, ...goods].map((u) => ({ url: u.url })), passive: { consecutiveFailures: 2, ejectFor: '30s' } }
+      }
+    }
+  })
+  const statuses: number[] = []
+  for (let i = 0; i < 15; i++) statuses.push((await get(`${gw.url}/outlier/x`)).status)
+  assert.equal(bad.received.length, 2, 'ejected after two 5xx in a row')
+  assert.deepEqual(statuses.filter((s) => s !== 200), [500, 500], "a 500 is the upstream's answer: passed on, not retried")
+  const target = await targetOf(gw, 'outlier', bad.url)
+  assert.equal(target.healthy, false)
+  assert.equal(target.ejections, 1)
+  assert.ok(target.ejectedUntil !== null && Date.parse(target.ejectedUntil) > Date.now() + 20_000)
+  assert.equal(target.lastFailure?.status, 500)
+  assert.equal(await metricValue('gatehouse_upstream_healthy', { route: 'outlier', target: bad.url }), 0)
+})
