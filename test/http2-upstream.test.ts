@@ -67,3 +67,35 @@ test('upstream.http2 on an https target negotiates h2 by ALPN (with the route CA
   assert.equal(viaH1.statusCode, 200)
   assert.equal((await viaH1.body.json() as Seen).httpVersion, '1.1')
 })
+
+test('streams from an h2c upstream: a long one outlives timeouts.response, a silent one is cut by timeouts.idle', async (t) => {
+  const server = http2.createServer((req, res) => {
+    res.writeHead(200, { 'content-type': 'text/event-stream' })
+    res.write('data: first\n\n')
+    if (req.url !== '/long') return // silent from here on
+    let i = 0
+    const timer = setInterval(() => {
+      res.write('data: more\n\n')
+      if (++i === 10) {
+        clearInterval(timer)
+        res.end()
+      }
+    }, 100)
+    res.on('close', () => clearInterval(timer))
+  })
+  const sessions = new Set<http2.ServerHttp2Session>()
+  server.on('session', (s: http2.ServerHttp2Session) => { sessions.add(s) })
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  t.after(async () => {
+    for (const s of sessions) s.destroy()
+    await new Promise<void>((resolve) => server.close(() => resolve()))
+  })
+  const target = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
+  const gw = await startGateway(t, { routes: { s: { match: { prefix: '/s' }, upstream: { targets: [{ url: target }], http2: true, timeouts: { response: '300ms', idle: '400ms' } } } } })
+  const long = await request(`${gw.url}/s/long`)
+  assert.equal((await long.body.text()).match(/^data: /gm)?.length, 11)
+  const silent = await request(`${gw.url}/s/silent`)
+  assert.equal(silent.statusCode, 200)
+  await assert.rejects(silent.body.text())
+})
