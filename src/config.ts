@@ -358,7 +358,17 @@ function hintFor (error: ValueError, root: TSchema): string | undefined {
   if (error.schema.anyOf !== undefined && (error.schema.anyOf as TSchema[]).every((s) => s.const !== undefined)) {
     return `use one of: ${(error.schema.anyOf as TSchema[]).map((s) => String(s.const)).join(', ')}`
   }
-  return undefined
+  return typeHints[error.schema.type as string]
+}
+
+/** The hint of a plain wrong-type error, so that every problem says how to fix it. */
+const typeHints: Record<string, string> = {
+  boolean: 'use true or false',
+  integer: 'use a whole number',
+  number: 'use a number',
+  string: 'use a string; quote it if YAML reads it as something else',
+  array: 'use a list, e.g. [a, b]',
+  object: 'use a mapping, e.g. { key: value }'
 }
 
 /** Validates `raw` against `schema`; returns the decoded value or pushes every problem found. */
