@@ -289,8 +289,8 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
               return
             }
           }
-          const outcome = result === null ? 'error' : result.ok ? 'ok' : result.kind === 'timeout' ? 'timeout' : 'error'
-          pool.count(target, outcome)
+          // An attempt the client abandoned says nothing about the target: not counted.
+          if (result !== null) pool.count(target, result.ok ? 'ok' : result.kind === 'timeout' ? 'timeout' : 'error')
           cb(err, res)
         })
       }

@@ -92,7 +92,7 @@ export class UpstreamPool implements Balancer {
     this.route = route
     this.targets = targets
     this.algorithm = createAlgorithm(up.balancer, targets, up.hashKey)
-    this.budget = new RetryBudget(up.retries.budget ?? 0.2, up.circuitBreaker?.window ?? 10_000)
+    this.budget = new RetryBudget(up.retries.budget ?? 0.2)
     this.passive = up.passive
     this.maxEjectFor = up.passive?.maxEjectFor ?? Math.max(up.passive?.ejectFor ?? 0, 300_000)
     for (const t of targets) {
