@@ -6,6 +6,7 @@ import { once } from 'node:events'
 import { gunzipSync } from 'node:zlib'
 import { startGateway, startUpstream, type TestGateway } from './helper.js'
 import { createCa, type TestCa } from './certs.js'
+import { metrics } from '../src/metrics.js'
 
 interface H2Response {
   status: number
@@ -110,7 +111,7 @@ test('HTTP/2 errors are problem+json: no route (404), unreachable upstream (502 
   assert.equal((await h2request(session, { ':path': '/nowhere' })).status, 404)
 })
 
-test('HTTP/2 through the concerns: API-key auth, rate limit, compression, response cache, HSTS', async (t) => {
+test('HTTP/2 through the concerns: API-key auth, rate limit, compression, response cache, HSTS, metrics', async (t) => {
   const ca = createCa(t)
   const leaf = ca.issue('gateway.test')
   const payload = JSON.stringify({ items: Array.from({ length: 200 }, (_v, i) => ({ id: i, name: `item ${i}` })) })
@@ -153,6 +154,13 @@ test('HTTP/2 through the concerns: API-key auth, rate limit, compression, respon
 
   const upstreamCalls = up.received.filter((r) => r.url === '/list').length
   assert.equal(upstreamCalls, 1, 'the cache answered the second request')
+
+  // Metrics count HTTP/2 requests like any other.
+  const { values } = await metrics.requests.get()
+  const count = (route: string, status: string): number | undefined => values.find((v) => v.labels.route === route && v.labels.status === status)?.value
+  assert.equal(count('private', '401'), 1)
+  assert.equal(count('limited', '429'), 1)
+  assert.equal(count('cached', '200'), 2)
 })
 
 test('HTTP/2: a header block past limits.maxHeaderBytes is refused (431 problem, or a stream reset), never forwarded; the session goes on', async (t) => {
