@@ -22,19 +22,24 @@ export function staticPlugin (route: RouteDefinition) {
       privacy: spec.maxAge > 0 ? 'public' : 'no-cache',
       expiresIn: Math.floor(spec.maxAge / 1000)
     })
-    await fastify.register(fastifyStatic, {
-      root: spec.root,
-      prefix: prefix === '/' ? '/' : prefix + '/',
-      decorateReply: false,
-      etag: true,
-      lastModified: true,
-      cacheControl: false,
-      dotfiles: 'deny',
-      index: spec.index === false ? false : [...spec.index],
-      redirect: true,
-      wildcard: true,
-      constraints: route.match.hosts !== undefined ? { hostname: route.match.hosts[0].toLowerCase() } : undefined
-    })
+    // One registration per host: @fastify/static takes a single constraint per instance.
+    for (const host of route.match.hosts?.map((h) => h.toLowerCase()) ?? [undefined]) {
+      await fastify.register(async (scope) => {
+        await scope.register(fastifyStatic, {
+          root: spec.root,
+          prefix: prefix === '/' ? '/' : prefix + '/',
+          decorateReply: false,
+          etag: true,
+          lastModified: true,
+          cacheControl: false,
+          dotfiles: 'deny',
+          index: spec.index === false ? false : [...spec.index],
+          redirect: true,
+          wildcard: true,
+          constraints: host !== undefined ? { hostname: host } : undefined
+        })
+      })
+    }
     if (route.plugin !== undefined) await fastify.register(route.plugin)
   }
 }
