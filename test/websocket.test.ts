@@ -245,3 +245,19 @@ test('a route reload keeps open WebSockets; new upgrades use the new route table
   assert.ok(moved.ws)
   moved.ws.close()
 })
+
+test('shutdown closes open WebSockets once in-flight requests are done, without waiting for shutdownTimeout', async (t) => {
+  const echo = await startEcho(t)
+  const gw = await startGateway(t, {
+    config: { limits: { shutdownTimeout: '30s' } },
+    routes: { live: { match: { prefix: '/live' }, websocket: true, upstream: { targets: [{ url: echo.url }] } } }
+  })
+  const { ws } = await connect(`ws://127.0.0.1:${gw.port}/live`)
+  assert.ok(ws)
+  const upstreamSide = once(echo.sockets[0], 'close')
+  const clientSide = once(ws, 'close')
+  await gw.close()
+  await clientSide
+  await upstreamSide
+  assert.equal(await gauge('live'), 0)
+})
