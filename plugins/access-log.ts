@@ -17,6 +17,7 @@ export const MAX_PATH = 2048
 const SECRET_NAME = /pass|pwd|secret|token|key|sig|auth|session|cred|jwt|bearer|cookie|otp|^code$|^state$|^ticket$/i
 
 function decodeName (name: string): string {
+  if (!name.includes('%') && !name.includes('+')) return name
   try {
     return decodeURIComponent(name.replace(/\+/g, ' '))
   } catch {
