@@ -12,6 +12,8 @@ import admin from '../plugins/admin.js'
 import { GATEHOUSE_HEADERS_TOO_LARGE, GATEHOUSE_BAD_REQUEST, errorMeta, problemType } from './errors.js'
 import { Certificates, createRedirectServer, createSecureListener, type SecureListener } from './tls.js'
 import { WebSocketTunnels } from './websocket.js'
+import { compileTrust } from './trust.js'
+import { limitConnectionsPerIp } from '../plugins/limits.js'
 
 type Handler = (req: IncomingMessage, res: ServerResponse) => void
 
@@ -196,6 +198,7 @@ export class GatewayServer {
         joinDuplicateHeaders: true,
         requireHostHeader: false
       }, onRequest)
+    limitConnectionsPerIp(server, limits.maxConnectionsPerIp, compileTrust(this.config.trustProxy))
     // WebSocket upgrades take the way of any request through the current version (src/websocket.ts).
     server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {
       const v = this.current
