@@ -2,11 +2,17 @@ import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import net from 'node:net'
 import { once } from 'node:events'
-import { Readable } from 'node:stream'
+import { Readable, Writable } from 'node:stream'
+import { mkdtempSync, mkdirSync, writeFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import pino from 'pino'
+import { stringify } from 'yaml'
 import type { IncomingMessage } from 'node:http'
 import { request } from 'undici'
 import { freePort, startGateway, startUpstream } from './helper.js'
 import { call, parseResponse, rawCall, route } from './core-helper.js'
+import { GatewayServer } from '../src/server.js'
 
 interface Problem { type: string, title: string, status: number, detail: string, code: string, requestId: string }
 
@@ -173,4 +179,26 @@ test('the gateway closes a connection whose header block is not complete within 
   const raw = Buffer.concat(chunks).toString('latin1')
   if (raw !== '') assert.match(raw, /^HTTP\/1\.1 408/)
   assert.equal(up.received.length, 0)
+})
+
+test('logs of a failed upstream request carry no secret: no Authorization, cookie, API key or token value', async (t) => {
+  const port = await freePort()
+  const dir = mkdtempSync(join(tmpdir(), 'gatehouse-logs-'))
+  t.after(() => rmSync(dir, { recursive: true, force: true }))
+  mkdirSync(join(dir, 'routes'))
+  writeFileSync(join(dir, 'routes', 'svc.yaml'), stringify(route('/svc', `http://127.0.0.1:${port}`, { upstream: { retries: { attempts: 0 } } })))
+  writeFileSync(join(dir, 'gatehouse.yaml'), stringify({ listen: { host: '127.0.0.1', port: 0 }, admin: false, routes: './routes' }))
+  let logs = ''
+  const sink = new Writable({ write (chunk: Buffer, _enc, cb) { logs += chunk.toString(); cb() } })
+  const gateway = new GatewayServer({ configFile: join(dir, 'gatehouse.yaml'), logger: pino({ level: 'trace' }, sink) })
+  await gateway.start()
+  t.after(async () => { await gateway.close() })
+  const secrets = ['Bearer-s3cr3t-jwt', 'sess-c00kie-value', 'ak-0123456789-key', 'tok-in-query-42']
+  const res = await call(`http://127.0.0.1:${gateway.address().port}/svc/a?access_token=${secrets[3]}`, {
+    headers: { authorization: `Bearer ${secrets[0]}`, cookie: `session=${secrets[1]}`, 'x-api-key': secrets[2] }
+  })
+  assert.equal(res.status, 502)
+  await new Promise((resolve) => setImmediate(resolve))
+  assert.ok(logs.includes('GATEHOUSE_UPSTREAM_UNREACHABLE'), 'the failure is logged')
+  for (const secret of secrets) assert.ok(!logs.includes(secret), `logs leak ${secret}`)
 })
