@@ -371,6 +371,7 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     const health = probeAgent !== undefined && up.healthCheck !== undefined
       ? new HealthChecker(pool, up.healthCheck, probeAgent, fastify.log)
       : undefined
+    if (health !== undefined) pool.inherit(fastify.gatehouse.state.get('upstream-targets', () => new Map<string, Target>()))
     // Probes run while this version of the route table runs: from ready until its close.
     fastify.addHook('onReady', async () => { health?.start() })
     fastify.addHook('onClose', async () => {

@@ -331,3 +331,22 @@ test('passive outlier detection over real sockets: consecutive 5xx eject a targe
   assert.equal(target.lastFailure?.status, 500)
   assert.equal(await metricValue('gatehouse_upstream_healthy', { route: 'outlier', target: bad.url }), 0)
 })
+
+test('a reload keeps what the health checks know: a target found down stays out of the new version', async (t) => {
+  const dead = `http://127.0.0.1:${await freePort()}`
+  const up = await startUpstream(t, ok)
+  const routeFile = (timeout: string): Record<string, unknown> => ({
+    match: { prefix: '/kept' },
+    // Three failed probes 300 ms apart: the new version cannot find out by itself within 500 ms.
+    upstream: { targets: [{ url: dead }, { url: up.url }], healthCheck: { path: '/health', interval: '300ms', timeout, unhealthyThreshold: 3 } }
+  })
+  const gw = await startGateway(t, { routes: { kept: routeFile('500ms') } })
+  await waitFor('the dead target is unhealthy', 5000, async () => !(await targetOf(gw, 'kept', dead)).healthy)
+  gw.writeRoute('kept', routeFile('600ms'))
+  assert.equal((await gw.gateway.reload()).ok, true)
+  const after = await targetOf(gw, 'kept', dead)
+  assert.equal(after.healthy, false, 'still unhealthy right after the reload, before any new probe')
+  assert.equal(after.lastCheck?.ok, false)
+  const res = await get(`${gw.url}/kept/x`, { method: 'POST', body: 'x' })
+  assert.equal(res.status, 200, 'a POST with a streamed body is not sent to the known-dead target')
+})

@@ -216,6 +216,24 @@ export class UpstreamPool implements Balancer {
     this.timers.add(timer)
   }
 
+  /**
+   * Takes over active health from the previous route-table version's targets (by route and
+   * origin), so a reload during an outage does not send traffic to a target known to be down
+   * until the new probes find out again. `seen` lives as long as the process.
+   */
+  inherit (seen: Map<string, Target>): void {
+    for (const t of this.targets) {
+      const key = `${this.route} ${t.origin}`
+      const prev = seen.get(key)
+      if (prev !== undefined && prev !== t) {
+        t.healthy = prev.healthy
+        t.lastCheck = prev.lastCheck
+        this.updateHealthMetric(t)
+      }
+      seen.set(key, t)
+    }
+  }
+
   updateHealthMetric (t: Target): void {
     metrics.upstreamHealthy.set(this.labels(t), t.up(Date.now()) ? 1 : 0)
   }
