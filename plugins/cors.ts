@@ -33,6 +33,16 @@ const corsPlugin: FastifyPluginAsync = async function corsPlugin (fastify) {
   for (const route of routes) if (route.cors !== undefined) perRoute.set(route.name, toOptions(route.cors))
   if (global.origin === false && [...perRoute.values()].every((o) => o.origin === false)) return
 
+  // @fastify/cors adds an `OPTIONS *` route so that preflights to unknown paths reach its hook;
+  // it would collide with a route on prefix `/`, and here every path already reaches the hook
+  // (routes accept OPTIONS, the not-found handler runs onRequest hooks too). It is moved to a
+  // path no request can have: a raw backslash is refused by the path guard (src/path.ts).
+  fastify.addHook('onRoute', (options) => {
+    if (options.url === '*' && options.method === 'OPTIONS') {
+      options.url = '/\\gatehouse-cors-unused'
+      options.path = options.url
+    }
+  })
   await fastify.register(cors, {
     hideOptionsRoute: true,
     delegator: (request: FastifyRequest, cb: (err: Error | null, options: FastifyCorsOptions) => void) => {
