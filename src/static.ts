@@ -1,6 +1,7 @@
 import type { FastifyInstance } from 'fastify'
 import fastifyStatic from '@fastify/static'
 import fastifyCaching from '@fastify/caching'
+import fp from 'fastify-plugin'
 import type { RouteDefinition } from './config.js'
 import { normalizePrefix } from './config.js'
 
@@ -18,6 +19,8 @@ export function staticPlugin (route: RouteDefinition) {
     fastify.addHook('onRoute', (options) => {
       options.config = { ...options.config, gatehouse: route }
     })
+    // The route file's plugin shares this route's context, before the routes, so its hooks reach them.
+    if (route.plugin !== undefined) await fastify.register(fp(route.plugin, { name: `route:${route.name}` }))
     await fastify.register(fastifyCaching, {
       privacy: spec.maxAge > 0 ? 'public' : 'no-cache',
       expiresIn: Math.floor(spec.maxAge / 1000)
@@ -40,6 +43,5 @@ export function staticPlugin (route: RouteDefinition) {
         })
       })
     }
-    if (route.plugin !== undefined) await fastify.register(route.plugin)
   }
 }

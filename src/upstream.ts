@@ -3,6 +3,7 @@ import { Transform, type Readable, type TransformCallback } from 'node:stream'
 import type { IncomingHttpHeaders, ServerResponse } from 'node:http'
 import type { FastifyInstance, FastifyReply, FastifyRequest, RouteOptions } from 'fastify'
 import replyFrom, { type FastifyReplyFromHooks } from '@fastify/reply-from'
+import fp from 'fastify-plugin'
 import { Agent, type Dispatcher } from 'undici'
 import type { GatewayConfig, RouteDefinition } from './config.js'
 import { normalizePrefix } from './config.js'
@@ -381,7 +382,9 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     })
     fastify.gatehouse.upstreams.set(route.name, pool)
 
-    if (route.plugin !== undefined) await fastify.register(route.plugin)
+    // Registered without its own context (fastify-plugin) so that its hooks reach this route's
+    // handlers, which a child context would not; this context is still the route's alone.
+    if (route.plugin !== undefined) await fastify.register(fp(route.plugin, { name: `route:${route.name}` }))
 
     const handler = function forward (this: FastifyInstance, request: FastifyRequest, reply: FastifyReply): void {
       const state: UpstreamState = { route: route.name, attempts: 1, res: reply.raw, body: kept.get(request) }

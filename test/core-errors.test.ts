@@ -202,3 +202,34 @@ test('logs of a failed upstream request carry no secret: no Authorization, cooki
   assert.ok(logs.includes('GATEHOUSE_UPSTREAM_UNREACHABLE'), 'the failure is logged')
   for (const secret of secrets) assert.ok(!logs.includes(secret), `logs leak ${secret}`)
 })
+
+test('an error thrown inside a route plugin is a 500 problem without its message or stack', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, { routes: { svc: route('/svc', up.url) } })
+  writeFileSync(join(gw.routesDir, 'boom.js'), `module.exports = {
+    match: { prefix: '/boom' },
+    upstream: { targets: [{ url: '${up.url}' }] },
+    plugin: async (fastify) => {
+      fastify.addHook('onRequest', async () => { throw new Error('db password=hunter2 at 10.1.2.3:5432') })
+    }
+  }\n`)
+  assert.equal((await gw.gateway.reload()).ok, true)
+  const res = await call(`${gw.url}/boom/x`)
+  assert.equal(res.status, 500)
+  assert.match(String(res.headers['content-type']), /^application\/problem\+json/)
+  const body = res.json<Problem>()
+  assert.equal(body.code, 'GATEHOUSE_INTERNAL')
+  for (const bad of ['hunter2', 'password', '10.1.2.3', 'boom.js', '    at ']) assert.ok(!res.text.includes(bad), `leaks ${bad}: ${res.text}`)
+  assert.equal(up.received.length, 0)
+})
+
+test('request smuggling shapes are refused before routing: Content-Length with Transfer-Encoding, two lengths', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, { routes: { svc: route('/svc', up.url) } })
+  const both = await rawCall(gw.port, ['POST /svc/a HTTP/1.1', 'Host: gw.test', 'Content-Length: 4', 'Transfer-Encoding: chunked'], '0\r\n\r\nGET /svc/smuggled HTTP/1.1\r\nHost: gw.test\r\n\r\n')
+  assert.equal(both.status, 400)
+  assert.equal(JSON.parse(both.body).code, 'GATEHOUSE_BAD_REQUEST')
+  const two = await rawCall(gw.port, ['POST /svc/a HTTP/1.1', 'Host: gw.test', 'Content-Length: 1', 'Content-Length: 40'], 'x')
+  assert.equal(two.status, 400)
+  assert.equal(up.received.length, 0, 'nothing reached the upstream')
+})

@@ -341,3 +341,25 @@ test('two Host headers, or none on HTTP/1.1, is a 400; HTTP/1.0 without Host is 
   assert.equal(old.status, 200)
   assert.equal(up.received.length, 1)
 })
+
+test('a route file\'s plugin hooks apply to its own service, and only to it', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, { routes: { other: route('/other', up.url) } })
+  writeFileSync(join(gw.routesDir, 'tagged.js'), `module.exports = {
+    match: { prefix: '/tagged' },
+    upstream: { targets: [{ url: '${up.url}' }] },
+    plugin: async (fastify) => {
+      fastify.addHook('onRequest', async (request) => { request.headers['x-from-plugin'] = 'yes' })
+      fastify.addHook('onSend', async (_request, reply) => { reply.header('x-tagged', 'on') })
+    }
+  }\n`)
+  assert.equal((await gw.gateway.reload()).ok, true)
+  const tagged = await call(`${gw.url}/tagged/x`)
+  assert.equal(tagged.headers['x-tagged'], 'on')
+  assert.equal(tagged.json<Echo>().headers['x-from-plugin'], 'yes')
+  const other = await call(`${gw.url}/other/x`)
+  assert.equal(other.headers['x-tagged'], undefined)
+  assert.equal(other.json<Echo>().headers['x-from-plugin'], undefined)
+  const none = await call(`${gw.url}/nothing`)
+  assert.equal(none.headers['x-tagged'], undefined)
+})
