@@ -162,3 +162,17 @@ test('API keys: the consumer name is forwarded instead of the key, a forged cons
   const open = await request(`${gw.url}/open`, { headers: { 'x-gatehouse-consumer': 'partner' } })
   assert.equal((await open.body.json() as { headers: Record<string, string> }).headers['x-gatehouse-consumer'], undefined)
 })
+
+test('auth config mistakes stop the start with a clear message', async (t) => {
+  const up = await startUpstream(t)
+  const route = { match: { prefix: '/svc' }, upstream: { targets: [{ url: up.url }] } }
+  await assert.rejects(startGateway(t, { routes: { svc: { ...route, auth: { jwt: true } } } }), /auth\.jwt needs jwt in gatehouse\.yaml/)
+  await assert.rejects(startGateway(t, { routes: { svc: { ...route, auth: { apiKey: true } } } }), /auth\.apiKey needs apiKeys/)
+  await assert.rejects(startGateway(t, { config: { jwt: { secret: SECRET, algorithms: ['RS256'] } }, routes: { svc: route } }), /RS256 cannot be verified with the configured secret/)
+  await assert.rejects(startGateway(t, { config: { jwt: { secret: SECRET, algorithms: ['none'] } }, routes: { svc: route } }), /algorithms/)
+  const { publicPem } = rsaPair()
+  const dir = mkdtempSync(join(tmpdir(), 'gatehouse-key-'))
+  t.after(() => rmSync(dir, { recursive: true, force: true }))
+  writeFileSync(join(dir, 'jwt.pem'), publicPem)
+  await assert.rejects(startGateway(t, { config: { jwt: { publicKey: join(dir, 'jwt.pem'), algorithms: ['HS256'] } }, routes: { svc: route } }), /HS256 cannot be verified with the configured public key/)
+})
