@@ -13,8 +13,12 @@ import { metrics } from './metrics.js'
 import * as errors from './errors.js'
 import { isWebSocketUpgrade, proxyWebSocket } from './websocket.js'
 
-/** Request headers that concern one connection only (RFC 9110 §7.6.1), never forwarded. */
-const HOP_BY_HOP_REQUEST = ['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-authorization', 'http2-settings']
+/**
+ * Request headers that concern one connection only (RFC 9110 §7.6.1), never forwarded. Expect too:
+ * the gateway's server answered `100 Continue` itself, and undici refuses the header (curl sends it
+ * with every upload over 1 MiB, which got a 502).
+ */
+const HOP_BY_HOP_REQUEST = ['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-authorization', 'http2-settings', 'expect']
 /** Response headers that concern one connection only. */
 const HOP_BY_HOP_RESPONSE = ['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-authenticate']
 

@@ -233,3 +233,24 @@ test('request smuggling shapes are refused before routing: Content-Length with T
   assert.equal(two.status, 400)
   assert.equal(up.received.length, 0, 'nothing reached the upstream')
 })
+
+test('Expect: 100-continue uploads (curl sends it above 1 MiB) are answered 100 and forwarded without Expect', async (t) => {
+  const up = await startUpstream(t, (req, res) => {
+    let n = 0
+    req.on('data', (c: Buffer) => { n += c.length })
+    req.on('end', () => res.end(JSON.stringify({ n, expect: req.headers.expect ?? null })))
+  })
+  const gw = await startGateway(t, { routes: { svc: route('/svc', up.url) } })
+  const sock = net.connect(gw.port, '127.0.0.1')
+  await once(sock, 'connect')
+  let received = ''
+  sock.on('data', (c: Buffer) => { received += c.toString('latin1') })
+  sock.write('PUT /svc/file HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n')
+  await once(sock, 'data')
+  assert.match(received, /^HTTP\/1\.1 100 Continue\r\n\r\n/)
+  sock.write('hello')
+  await once(sock, 'close')
+  const final = parseResponse(received.slice(received.indexOf('\r\n\r\n') + 4))
+  assert.equal(final.status, 200)
+  assert.deepEqual(JSON.parse(final.body), { n: 5, expect: null })
+})
