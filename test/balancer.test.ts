@@ -4,7 +4,7 @@ import assert from 'node:assert/strict'
 import type { FastifyRequest } from 'fastify'
 import { request } from 'undici'
 import { startGateway, startUpstream, type Upstream } from './helper.js'
-import { CircuitBreaker, HashRing, LeastConnections, PowerOfTwo, RetryBudget, Target, UpstreamPool, Weighted } from '../src/balancer/index.js'
+import { CircuitBreaker, HashRing, LeastConnections, PowerOfTwo, Random, RetryBudget, Target, UpstreamPool, Weighted } from '../src/balancer/index.js'
 import type { RouteDefinition } from '../src/config.js'
 
 type Upstream0 = NonNullable<RouteDefinition['upstream']>
@@ -93,9 +93,9 @@ test('least-connections sends new requests away from a target holding slow reque
   })
   t.after(() => { for (const r of releases) r() })
   // Requests to /slow are answered at once by the other targets and held by the slow one:
-  // send them one by one until the slow target holds two.
+  // send them one by one until the slow target holds one.
   const pending: Array<Promise<unknown>> = []
-  while (releases.length < 2) {
+  while (releases.length < 1) {
     const held = once(arrived, 'slow')
     const p = request(`${gw.url}/lc/slow`).then(async (r) => await r.body.text())
     pending.push(p)
@@ -240,7 +240,19 @@ test('retry budget: retries stay within the ratio of requests (with a small floo
   assert.ok(quiet.tryRetry(now + 20_000), 'the window slides')
 })
 
-test('unknown pick: a pool with no available target picks nothing', () => {
+test('random picks in proportion to weight, among available targets only', () => {
+  const [a, b] = [new Target('http://a:1', 1), new Target('http://b:1', 3)]
+  let seed = 42
+  const rng = (): number => { seed = (seed * 1103515245 + 12345) % 2147483648; return seed / 2147483648 }
+  const random = new Random(rng)
+  let hitsB = 0
+  for (let i = 0; i < 4000; i++) if (random.pick([a, b], all) === b) hitsB++
+  within(hitsB, 3000, 0.1, 'weight 3 of 4')
+  for (let i = 0; i < 50; i++) assert.equal(random.pick([a, b], (t) => t !== b), a)
+  assert.equal(random.pick([a, b], () => false), undefined)
+})
+
+test('a pool with no available target picks nothing', () => {
   const pool = new UpstreamPool('none-unit', upstreamConfig(), [new Target('http://10.0.0.9:80')])
   pool.targets[0].healthy = false
   assert.equal(pool.pick(fakeRequest), undefined)
