@@ -176,3 +176,20 @@ test('auth config mistakes stop the start with a clear message', async (t) => {
   writeFileSync(join(dir, 'jwt.pem'), publicPem)
   await assert.rejects(startGateway(t, { config: { jwt: { publicKey: join(dir, 'jwt.pem'), algorithms: ['HS256'] } }, routes: { svc: route } }), /HS256 cannot be verified with the configured public key/)
 })
+
+test('optional JWT: no token passes without identity (forged identity headers still dropped); a bad token is still 401', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, {
+    config: { jwt: { secret: SECRET } },
+    routes: { feed: { match: { prefix: '/feed' }, upstream: { targets: [{ url: up.url }] }, auth: { jwt: { optional: true, claimsToHeaders: { sub: 'x-user-id' } } } } }
+  })
+  const anonymous = await request(`${gw.url}/feed`, { headers: { 'x-user-id': 'admin' } })
+  assert.equal(anonymous.statusCode, 200)
+  assert.equal((await anonymous.body.json() as { headers: Record<string, string> }).headers['x-user-id'], undefined)
+  const known = await request(`${gw.url}/feed`, { headers: { authorization: `Bearer ${hsToken(SECRET, { sub: 'erin', exp: now() + 60 })}` } })
+  assert.equal((await known.body.json() as { headers: Record<string, string> }).headers['x-user-id'], 'erin')
+  const bad = await request(`${gw.url}/feed`, { headers: { authorization: `Bearer ${hsToken(SECRET, { sub: 'erin', exp: now() - 3600 })}` } })
+  assert.equal(bad.statusCode, 401)
+  await bad.body.dump()
+  assert.equal(up.received.length, 2)
+})

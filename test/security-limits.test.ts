@@ -126,3 +126,32 @@ test('maxConnectionsPerIp: one connection too many is closed before a byte is re
   assert.match(d, /^HTTP\/1\.1 200 /)
   assert.equal(up.received.length, 2)
 })
+
+test('maxEventLoopDelay: while the event loop lags, @fastify/under-pressure sheds load with 503 + Retry-After; then it recovers', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, {
+    config: { limits: { maxEventLoopDelay: '200ms' } },
+    routes: { svc: { match: { prefix: '/svc' }, upstream: { targets: [{ url: up.url }] } } }
+  })
+  const call = async () => {
+    const res = await request(`${gw.url}/svc`)
+    const body = await res.body.text()
+    return { status: res.statusCode, retry: res.headers['retry-after'], body }
+  }
+  assert.equal((await call()).status, 200)
+  // Block the loop (the gateway runs in this process) well past the threshold.
+  const until = performance.now() + 1500
+  while (performance.now() < until);
+  const deadline = performance.now() + 10_000
+  let shed: Awaited<ReturnType<typeof call>> | undefined
+  while (shed === undefined && performance.now() < deadline) {
+    const r = await call()
+    if (r.status === 503) shed = r
+  }
+  assert.ok(shed !== undefined, 'no request was shed while the loop lagged')
+  assert.equal(shed.retry, '5')
+  assert.match(shed.body, /GATEHOUSE_OVERLOADED/)
+  let recovered = false
+  while (!recovered && performance.now() < deadline + 10_000) recovered = (await call()).status === 200
+  assert.ok(recovered)
+})
