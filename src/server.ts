@@ -232,6 +232,8 @@ export class GatewayServer {
   }
 
   private async doReload (): Promise<ReloadResult> {
+    const refused = (error: string): ReloadResult => ({ ok: false, version: this.current.id, routes: this.current.routes.length, error })
+    if (this.closing) return refused('the gateway is shutting down')
     let next: Version
     try {
       const routes = await loadRoutes(this.routesDir, this.options.env)
@@ -240,7 +242,12 @@ export class GatewayServer {
       const error = err instanceof ConfigError ? err.message : String((err as Error).message)
       this.logger.error({ error }, 'reload failed, keeping the current routes')
       recordConfigLoad(false, this.current.id)
-      return { ok: false, version: this.current.id, routes: this.current.routes.length, error }
+      return refused(error)
+    }
+    // A shutdown that began while the new version was being built drains the old one only.
+    if (this.closing) {
+      await next.app.close()
+      return refused('the gateway is shutting down')
     }
     const old = this.current
     this.current = next

@@ -252,3 +252,17 @@ test('a shutdown right after a reload also drains the requests of the old table'
   assert.equal(await res.body.text(), 'old table, drained')
   await closing
 })
+
+test('a reload during shutdown is refused and leaves nothing running', async (t) => {
+  const v1 = await answering(t, 'v1')
+  const gw = await startGateway(t, { routes: { svc: route('/svc', v1.url) } })
+  const reloading = gw.gateway.reload()
+  const closing = gw.gateway.close()
+  const during = await reloading
+  await closing
+  // Either the reload finished before the shutdown began, or it was refused; never a new table after it.
+  if (!during.ok) assert.match(during.error ?? '', /shutting down/)
+  const after = await gw.gateway.reload()
+  assert.equal(after.ok, false)
+  assert.match(after.error ?? '', /shutting down/)
+})
