@@ -119,6 +119,8 @@ export class RedisRateLimitStore implements RateLimitStore {
   private readonly fallback = new MemoryRateLimitStore()
   private readonly log: FastifyBaseLogger | undefined
   private degraded = false
+  /** Until the first connection, a miss is start-up, not an outage: counted, not logged. */
+  private connected: boolean
 
   constructor (client: Redis, options: { keyPrefix: string, log?: FastifyBaseLogger }) {
     if (typeof (client as unknown as Partial<GcraClient>).gatehouseGcra !== 'function') {
@@ -130,6 +132,8 @@ export class RedisRateLimitStore implements RateLimitStore {
     // Connection errors surface as failed checks (logged once per outage); without a listener
     // ioredis would print every reconnect attempt.
     client.on('error', () => {})
+    this.connected = client.status === 'ready'
+    client.once('ready', () => { this.connected = true })
   }
 
   async consume (key: string, max: number, windowMs: number): Promise<RateLimitResult> {
@@ -148,7 +152,7 @@ export class RedisRateLimitStore implements RateLimitStore {
 
   private failOpen (key: string, max: number, windowMs: number, err: Error | undefined): RateLimitResult {
     storeFailures.inc()
-    if (!this.degraded) {
+    if (!this.degraded && this.connected) {
       this.degraded = true
       this.log?.error({ error: err?.message ?? `redis ${this.client.status}` }, 'rate limit: Redis unreachable, counting in this instance only until it is back')
     }
