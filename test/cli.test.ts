@@ -125,3 +125,11 @@ test('gatehouse with a bad flag exits 1 and says why', async () => {
   assert.equal(port.code, 1)
   assert.match(port.stderr, /--port: 70000 is not a port number/)
 })
+
+test('gatehouse start with a broken route file starts nothing and exits 1 naming file and field', async (t) => {
+  const dir = tempConfig(t, { 'bad.yaml': 'match: { prefix: /bad }\nupstream: { targets: [] }\n' }, { listen: { host: '127.0.0.1', port: 0 }, admin: false })
+  const { code, stdout, stderr } = await cli(['start', '--config', join(dir, 'gatehouse.yaml')])
+  assert.equal(code, 1)
+  assert.doesNotMatch(stdout, /gatehouse listening/)
+  assert.match(stderr, new RegExp(`^${join(dir, 'routes', 'bad.yaml')}: /upstream/targets: .+ \\(list at least one target`, 'm'))
+})

@@ -223,6 +223,10 @@ test('a keep-alive client gets Connection: close during the drain', async (t) =>
   sock.write('GET /svc/a HTTP/1.1\r\nHost: gw.test\r\n\r\n')
   await reached
   const closing = gw.gateway.close()
+  // Readiness turns to 503 as soon as the drain begins, so a load balancer stops sending.
+  const ready = await request(`${gw.adminUrl}/readyz`)
+  assert.equal(ready.statusCode, 503)
+  assert.deepEqual(await ready.body.json(), { status: 'draining' })
   held[0].end('done')
   await once(sock, 'close')
   await closing
