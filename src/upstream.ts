@@ -19,6 +19,8 @@ import { isWebSocketUpgrade, proxyWebSocket } from './websocket.js'
  * with every upload over 1 MiB, which got a 502).
  */
 const HOP_BY_HOP_REQUEST = ['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-authorization', 'http2-settings', 'expect']
+/** Headers naming the client or its connection, dropped when they come from an untrusted peer. */
+const UNTRUSTED_FORWARDING = ['forwarded', 'x-real-ip', 'x-forwarded-port', 'x-client-ip', 'true-client-ip']
 /** Response headers that concern one connection only. */
 const HOP_BY_HOP_RESPONSE = ['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-authenticate']
 
@@ -310,7 +312,10 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     // that reads its left-most entry cannot be fooled by a client.
     const peer = request.raw.socket.remoteAddress ?? ''
     const xff = h['x-forwarded-for']
-    h['x-forwarded-for'] = xff !== undefined && ctx.trusted(peer) ? `${xff}, ${peer}` : peer
+    const trustedPeer = ctx.trusted(peer)
+    h['x-forwarded-for'] = xff !== undefined && trustedPeer ? `${xff}, ${peer}` : peer
+    // The other client-address headers are believed from nobody but a trusted proxy either.
+    if (!trustedPeer) for (const name of UNTRUSTED_FORWARDING) delete h[name]
     h['x-forwarded-proto'] = request.protocol
     h['x-forwarded-host'] = request.host
     h['x-request-id'] = request.id

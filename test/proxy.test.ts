@@ -198,10 +198,21 @@ test('forwarded headers: X-Forwarded-For replaced for an untrusted peer, X-Forwa
   const up = await startUpstream(t)
   const gw = await startGateway(t, { routes: { svc: route('/svc', up.url) } })
   const res = await call(`${gw.url}/svc/a`, {
-    headers: { host: 'shop.example.com:8080', 'x-forwarded-for': '6.6.6.6', 'x-forwarded-proto': 'https', 'x-forwarded-host': 'evil.test' }
+    headers: {
+      host: 'shop.example.com:8080',
+      'x-forwarded-for': '6.6.6.6',
+      'x-forwarded-proto': 'https',
+      'x-forwarded-host': 'evil.test',
+      forwarded: 'for=6.6.6.6;proto=https',
+      'x-real-ip': '6.6.6.6',
+      'x-forwarded-port': '443'
+    }
   })
   const h = res.json<Echo>().headers
   assert.equal(h['x-forwarded-for'], '127.0.0.1')
+  assert.equal(h.forwarded, undefined, 'a client cannot claim an address in Forwarded')
+  assert.equal(h['x-real-ip'], undefined)
+  assert.equal(h['x-forwarded-port'], undefined)
   assert.equal(h['x-forwarded-proto'], 'http')
   assert.equal(h['x-forwarded-host'], 'shop.example.com:8080')
 })
@@ -209,9 +220,10 @@ test('forwarded headers: X-Forwarded-For replaced for an untrusted peer, X-Forwa
 test('forwarded headers: X-Forwarded-For appended when the peer is a trusted proxy', async (t) => {
   const up = await startUpstream(t)
   const gw = await startGateway(t, { config: { trustProxy: ['127.0.0.1'] }, routes: { svc: route('/svc', up.url) } })
-  const res = await call(`${gw.url}/svc/a`, { headers: { 'x-forwarded-for': '203.0.113.9, 10.0.0.1', 'x-forwarded-proto': 'https' } })
+  const res = await call(`${gw.url}/svc/a`, { headers: { 'x-forwarded-for': '203.0.113.9, 10.0.0.1', 'x-forwarded-proto': 'https', 'x-real-ip': '203.0.113.9' } })
   const h = res.json<Echo>().headers
   assert.equal(h['x-forwarded-for'], '203.0.113.9, 10.0.0.1, 127.0.0.1')
+  assert.equal(h['x-real-ip'], '203.0.113.9', 'a trusted proxy\'s X-Real-IP is kept')
   assert.equal(h['x-forwarded-proto'], 'https', 'a trusted proxy tells the original scheme')
   const none = await call(`${gw.url}/svc/a`)
   assert.equal(none.json<Echo>().headers['x-forwarded-for'], '127.0.0.1')
