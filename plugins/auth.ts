@@ -33,6 +33,8 @@ type Want = string | number | boolean | readonly string[]
 interface Policy {
   /** The name of this route's @fastify/jwt request decorator, when it accepts JWTs. */
   verifyName?: string
+  /** With a static key, this route's @fastify/jwt verifier, called directly (synchronous). */
+  verifySync?: (token: string) => Record<string, unknown>
   jwtOptional: boolean
   cookie?: string
   requireClaims: Array<[string, Want]>
@@ -166,10 +168,11 @@ const auth: FastifyPluginAsync = async function auth (fastify) {
         throw new Error(`${route.file}: auth.jwt.issuer must be one of jwt.issuer of gatehouse.yaml (the issuers trusted with the JWKS)`)
       }
       const audience = list(rj.audience) ?? list(jwt.audience)
+      const namespace = `gatehouse${n}`
       const verifyName = `gatehouseJwtVerify${n}`
       await fastify.register(jwtPlugin, {
         secret: secret as string,
-        namespace: `gatehouse${n}`,
+        namespace,
         jwtVerify: verifyName,
         jwtDecode: `gatehouseJwtDecode${n}`,
         jwtSign: `gatehouseJwtSign${n}`,
@@ -189,6 +192,12 @@ const auth: FastifyPluginAsync = async function auth (fastify) {
       } as unknown as Parameters<typeof jwtPlugin>[1])
       n++
       policy.verifyName = verifyName
+      if (jwks === undefined) {
+        // A static key needs no lookup per token: skip request decoration and go straight to
+        // the namespace's cached verifier.
+        const ns = (fastify as unknown as { jwt: Record<string, { verify: (token: string) => Record<string, unknown> }> }).jwt[namespace]
+        policy.verifySync = (token) => ns.verify(token)
+      }
       policy.jwtOptional = rj.optional === true
       policy.cookie = rj.cookie
       policy.requireClaims = Object.entries(rj.requireClaims ?? {})
@@ -237,7 +246,7 @@ const auth: FastifyPluginAsync = async function auth (fastify) {
     r[kToken] = token
     let claims: Record<string, unknown>
     try {
-      claims = await (r[verifyName] as () => Promise<Record<string, unknown>>).call(request)
+      claims = policy.verifySync !== undefined ? policy.verifySync(token) : await (r[verifyName] as () => Promise<Record<string, unknown>>).call(request)
     } catch (err) {
       const { reason, detail } = tokenFailure(err)
       throw refuse(request, reply, route, policy, reason, detail, 'invalid_token')

@@ -5,7 +5,7 @@ import type { RouteDefinition } from '../src/config.js'
 import { GATEHOUSE_RATE_LIMITED } from '../src/errors.js'
 import { metrics, NO_ROUTE } from '../src/metrics.js'
 import { sharedRedis } from '../src/redis.js'
-import { MemoryRateLimitStore, RedisRateLimitStore, boundedKey, type RateLimitStore } from '../src/stores/rate-limit.js'
+import { MemoryRateLimitStore, RedisRateLimitStore, boundedKey, type RateLimitResult, type RateLimitStore } from '../src/stores/rate-limit.js'
 
 /** The ProcessState key of the counters: one store per process, so a reload keeps every count. */
 export const RATE_LIMIT_STATE_KEY = 'rate-limit-store'
@@ -26,10 +26,13 @@ function storeAdapter (store: RateLimitStore): new (params: { scope?: string }) 
     }
 
     incr (key: string, cb: Callback, timeWindow: number, max: number): void {
-      store.consume(`${this.scope}:${key}`, max, timeWindow).then(
-        (r) => cb(null, r.allowed ? { current: max - r.remaining, ttl: r.resetMs } : { current: max + 1, ttl: r.retryAfterMs }),
-        (err: Error) => cb(err)
-      )
+      const toResult = (r: RateLimitResult): StoreResult => r.allowed ? { current: max - r.remaining, ttl: r.resetMs } : { current: max + 1, ttl: r.retryAfterMs }
+      // The memory store answers at once: no promise on the hot path.
+      if (store instanceof MemoryRateLimitStore) {
+        cb(null, toResult(store.consumeSync(`${this.scope}:${key}`, max, timeWindow)))
+        return
+      }
+      store.consume(`${this.scope}:${key}`, max, timeWindow).then((r) => cb(null, toResult(r)), (err: Error) => cb(err))
     }
 
     child (params: { scope?: string }): GatehouseStore {
