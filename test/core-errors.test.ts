@@ -254,3 +254,20 @@ test('Expect: 100-continue uploads (curl sends it above 1 MiB) are answered 100 
   assert.equal(final.status, 200)
   assert.deepEqual(JSON.parse(final.body), { n: 5, expect: null })
 })
+
+test('an upstream\'s own 503 (or 500) is relayed once, as the upstream sent it, without Proxy-Status', async (t) => {
+  const up = await startUpstream(t, (req, res) => {
+    res.writeHead(req.url === '/busy' ? 503 : 500, { 'retry-after': '1', 'content-type': 'text/plain' })
+    res.end('upstream says no')
+  })
+  const gw = await startGateway(t, { routes: { svc: route('/svc', up.url) } })
+  for (const [path, status] of [['/svc/busy', 503], ['/svc/broken', 500]] as const) {
+    const res = await call(`${gw.url}${path}`)
+    assert.equal(res.status, status)
+    assert.equal(res.text, 'upstream says no')
+    assert.equal(res.headers['proxy-status'], undefined, 'not a gateway error')
+    assert.equal(res.headers['retry-after'], '1')
+  }
+  // reply-from retries a GET answered 503 up to 10 times by default (PITFALLS.md): not here.
+  assert.equal(up.received.length, 2)
+})
