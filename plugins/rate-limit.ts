@@ -86,7 +86,7 @@ const rateLimit: FastifyPluginAsync = async function rateLimit (fastify) {
   const { config, state, routes } = fastify.gatehouse
   const redis = sharedRedis(config, state, fastify.log)
   const store = state.get<RateLimitStore>(RATE_LIMIT_STATE_KEY, () => redis !== undefined
-    ? new RedisRateLimitStore(redis, { keyPrefix: config.redis?.keyPrefix ?? 'gatehouse:', log: fastify.log })
+    ? new RedisRateLimitStore(redis, { keyPrefix: config.redis?.keyPrefix ?? 'gatehouse:', log: fastify.log, connectTimeout: config.redis?.connectTimeout })
     : new MemoryRateLimitStore())
 
   await fastify.register(rateLimitPlugin, { global: false, store: storeAdapter(store) as never, skipOnError: true })

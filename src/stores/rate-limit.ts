@@ -121,8 +121,10 @@ export class RedisRateLimitStore implements RateLimitStore {
   private degraded = false
   /** Until the first connection, a miss is start-up, not an outage: counted, not logged. */
   private connected: boolean
+  /** Checks made while the client first connects wait for it (bounded), so counts are shared from the start. */
+  private firstConnect: Promise<void> | undefined
 
-  constructor (client: Redis, options: { keyPrefix: string, log?: FastifyBaseLogger }) {
+  constructor (client: Redis, options: { keyPrefix: string, log?: FastifyBaseLogger, connectTimeout?: number }) {
     if (typeof (client as unknown as Partial<GcraClient>).gatehouseGcra !== 'function') {
       client.defineCommand('gatehouseGcra', { numberOfKeys: 1, lua: GCRA_LUA })
     }
@@ -134,9 +136,17 @@ export class RedisRateLimitStore implements RateLimitStore {
     client.on('error', () => {})
     this.connected = client.status === 'ready'
     client.once('ready', () => { this.connected = true })
+    if (!this.connected) {
+      this.firstConnect = new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, options.connectTimeout ?? 2000)
+        timer.unref()
+        client.once('ready', () => { clearTimeout(timer); resolve() })
+      }).then(() => { this.firstConnect = undefined })
+    }
   }
 
   async consume (key: string, max: number, windowMs: number): Promise<RateLimitResult> {
+    if (this.firstConnect !== undefined) await this.firstConnect
     if (this.client.status !== 'ready') return this.failOpen(key, max, windowMs, undefined)
     try {
       const [allowed, remaining, reset, retry] = await this.client.gatehouseGcra(this.prefix + key, max, windowMs)
