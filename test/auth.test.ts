@@ -4,7 +4,7 @@ import { writeFileSync, mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { request } from 'undici'
-import { startGateway, startUpstream } from './helper.js'
+import { rawRequest, startGateway, startUpstream } from './helper.js'
 import { hsToken, noneToken, now, rsToken, rsaPair } from './auth-tokens.js'
 import { registry } from '../src/metrics.js'
 
@@ -192,4 +192,19 @@ test('optional JWT: no token passes without identity (forged identity headers st
   assert.equal(bad.statusCode, 401)
   await bad.body.dump()
   assert.equal(up.received.length, 2)
+})
+
+test('a WebSocket upgrade on a protected route needs the token too: refused with 401, the upstream never sees it', async (t) => {
+  const up = await startUpstream(t)
+  let upgrades = 0
+  up.server.on('upgrade', (_req, socket) => { upgrades++; socket.destroy() })
+  const gw = await startGateway(t, {
+    config: { jwt: { secret: SECRET } },
+    routes: { ws: { match: { prefix: '/ws' }, websocket: true, upstream: { targets: [{ url: up.url }] }, auth: { jwt: true } } }
+  })
+  const answer = await rawRequest(gw.port, 'GET /ws/chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n')
+  assert.match(answer, /^HTTP\/1\.1 401 /)
+  assert.match(answer, /GATEHOUSE_UNAUTHORIZED/)
+  assert.equal(upgrades, 0)
+  assert.equal(up.received.length, 0)
 })
