@@ -1,7 +1,7 @@
 import { Transform, type TransformCallback } from 'node:stream'
 import type { ServerResponse } from 'node:http'
 import fp from 'fastify-plugin'
-import type { FastifyPluginAsync, FastifyReply } from 'fastify'
+import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 
 export interface AccessLogOptions {
   enabled: boolean
@@ -50,8 +50,15 @@ const kBytesIn = Symbol('gatehouse.accessLog.bytesIn')
 const kBytesOut = Symbol('gatehouse.accessLog.bytesOut')
 const kIp = Symbol('gatehouse.accessLog.ip')
 
+const kLogged = Symbol('gatehouse.accessLog.logged')
+const kReplyOf = Symbol('gatehouse.accessLog.reply')
+
+/** Status of a request whose client went away before the response was complete (nginx's 499). */
+export const CLIENT_CLOSED = 499
+
 interface Count { n: number }
-type CountedReply = FastifyReply & { [kBytesIn]?: Count, [kBytesOut]?: Count, [kIp]?: string }
+type LoggedResponse = ServerResponse & { [kReplyOf]?: FastifyReply }
+type CountedReply = FastifyReply & { [kBytesIn]?: Count, [kBytesOut]?: Count, [kIp]?: string, [kLogged]?: boolean }
 
 /** Counts a chunked request body as the route's parser reads it. */
 class CountIn extends Transform {
@@ -86,6 +93,16 @@ function isStream (payload: unknown): boolean {
   return payload !== null && typeof payload === 'object' && typeof (payload as { pipe?: unknown }).pipe === 'function'
 }
 
+/** request.ip reads the socket, which may be gone (a client that left, a body undici sent). */
+function clientIp (request: FastifyRequest): string | null {
+  if (request.raw.socket == null) return null
+  try {
+    return request.ip ?? null
+  } catch {
+    return null
+  }
+}
+
 function round (ms: number): number {
   return Math.round(ms * 100) / 100
 }
@@ -101,7 +118,16 @@ const accessLog: FastifyPluginAsync<AccessLogOptions> = async function accessLog
   if (!opts.enabled) return
   const extra = opts.apiKeyHeader !== undefined ? new RegExp(`^${opts.apiKeyHeader.replace(/[^A-Za-z0-9]/g, '.')}$`, 'i') : undefined
 
+  /** The response's 'close': an HTTP/1 client that left mid-response gets no onResponse. */
+  function onClose (this: LoggedResponse): void {
+    const reply = this[kReplyOf]
+    if (reply !== undefined && !this.writableEnded) logRequest(reply.request, reply)
+  }
+
   fastify.addHook('preParsing', function countBodyIn (request, reply, payload, done) {
+    const res = reply.raw as LoggedResponse
+    res[kReplyOf] = reply
+    res.on('close', onClose)
     const headers = request.headers
     if (headers['content-length'] === undefined && headers['transfer-encoding'] === undefined) return done(null, payload)
     // undici sets `socket = null` on an IncomingMessage it was given as a body once it is sent
@@ -128,21 +154,25 @@ const accessLog: FastifyPluginAsync<AccessLogOptions> = async function accessLog
     done(null, payload)
   })
 
-  fastify.addHook('onResponse', function logRequest (request, reply, done) {
-    const up = request.upstream
+  function logRequest (request: FastifyRequest, reply: FastifyReply): void {
     const counted = reply as CountedReply
+    if (counted[kLogged] === true) return
+    counted[kLogged] = true
+    const up = request.upstream
     const lengthIn = request.headers['content-length']
-    const status = reply.statusCode
-    let bytesOut: number
+    // A response never ended lost its client (an HTTP/2 reset still emits 'finish'): nginx's 499.
+    const ended = reply.raw.writableEnded
+    const status = ended ? reply.statusCode : CLIENT_CLOSED
+    let bytesOut: number | null
     if (request.method === 'HEAD' || status === 204 || status === 304) bytesOut = 0
     else {
       const length = reply.getHeader('content-length')
-      bytesOut = length !== undefined ? Number(length) : counted[kBytesOut]?.n ?? 0
+      bytesOut = length !== undefined && ended ? Number(length) : counted[kBytesOut]?.n ?? (ended ? 0 : null)
     }
     const cache = reply.getHeader('x-cache')
     request.log.info({
       msg: 'request',
-      ip: counted[kIp] ?? (request.raw.socket != null ? request.ip : null),
+      ip: counted[kIp] ?? clientIp(request),
       route: up?.route ?? request.routeOptions.config.gatehouse?.name ?? null,
       method: request.method,
       path: redactPath(request.url, extra),
@@ -155,6 +185,10 @@ const accessLog: FastifyPluginAsync<AccessLogOptions> = async function accessLog
       cache: typeof cache === 'string' ? cache : null,
       error: up?.error ?? request.problemCode ?? null
     })
+  }
+
+  fastify.addHook('onResponse', function logResponse (request, reply, done) {
+    logRequest(request, reply)
     done()
   })
 }

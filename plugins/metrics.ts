@@ -69,9 +69,9 @@ type TrackedResponse = ServerResponse & { [kReply]?: FastifyReply | null }
 function onClose (this: TrackedResponse): void {
   metrics.inflight.dec()
   const reply = this[kReply]
-  // A finished response is recorded by onResponse (which may run after this, behind an async
-  // onResponse hook); an unfinished one lost its client on the way.
-  if (reply != null && !this.writableFinished) {
+  // A response the gateway ended is recorded by onResponse (which may run after this, behind an
+  // async onResponse hook); one never ended lost its client on the way.
+  if (reply != null && !this.writableEnded) {
     this[kReply] = null
     record(routeLabel(reply.request), reply.request.method, CLIENT_CLOSED, reply.elapsedTime / 1000)
   }
@@ -106,7 +106,8 @@ const metricsPlugin: FastifyPluginAsync<MetricsOptions> = async function metrics
     if (res[kReply] === null) return done()
     res[kReply] = null
     if (request.upstream === undefined && request.routeOptions.config.metricsEndpoint === true) return done()
-    record(routeLabel(request), request.method, reply.statusCode, reply.elapsedTime / 1000)
+    // An HTTP/2 stream the client reset still emits 'finish' (so onResponse runs), never ended.
+    record(routeLabel(request), request.method, res.writableEnded ? reply.statusCode : CLIENT_CLOSED, reply.elapsedTime / 1000)
     done()
   })
 

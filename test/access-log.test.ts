@@ -2,10 +2,13 @@ import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { Readable } from 'node:stream'
 import type http from 'node:http'
+import http2 from 'node:http2'
+import { once } from 'node:events'
 import pino from 'pino'
-import { request } from 'undici'
+import { Agent, request } from 'undici'
 import { freePort, startGateway, startUpstream, type GatewayFixture } from './helper.js'
 import { MAX_PATH, REDACTED, redactPath } from '../plugins/access-log.js'
+import { createCa } from './certs.js'
 
 type Line = Record<string, unknown>
 
@@ -228,4 +231,47 @@ test('redactPath keeps names and order, redacts secret-looking values, and bound
   assert.equal(redactPath('/a?x-consumer=1', /^x.consumer$/i), `/a?x-consumer=${REDACTED}`)
   const long = redactPath('/' + 'a'.repeat(10_000))
   assert.equal(long.length, MAX_PATH + 3)
+})
+
+test('a client that leaves before its response is logged once, as 499, over HTTP/1.1 and HTTP/2', async (t) => {
+  const ca = createCa(t)
+  const leaf = ca.issue('gateway.test')
+  const arrivals: Array<() => void> = []
+  const up = await startUpstream(t, (req) => {
+    req.on('error', () => {})
+    arrivals.shift()?.()
+  })
+  const { url, log } = await gateway(t, {
+    config: { tls: { cert: leaf.certFile, key: leaf.keyFile } },
+    routes: { 'al-hang': { match: { prefix: '/al-hang' }, upstream: { targets: [{ url: up.url }], timeouts: { response: '30s' }, retries: { attempts: 0 } } } }
+  })
+  const arrived = async (): Promise<void> => { await new Promise<void>((resolve) => arrivals.push(resolve)) }
+  const base = url.replace(/^http:/, 'https:')
+  const agent = new Agent({ connect: { ca: ca.ca } })
+  t.after(async () => { await agent.close() })
+
+  const h1 = rid()
+  const ac = new AbortController()
+  const upstreamSaw = arrived()
+  const pending = request(`${base}/al-hang/h1`, { signal: ac.signal, headers: { 'x-request-id': h1 }, dispatcher: agent }).catch((err: Error) => err)
+  await upstreamSaw
+  ac.abort()
+  assert.ok(await pending instanceof Error)
+  const l1 = await log.line(h1)
+  assert.deepEqual([l1.status, l1.route, l1.target, l1.bytesOut], [499, 'al-hang', up.url, null])
+  assert.equal(l1.ip, '127.0.0.1')
+
+  const session = http2.connect(base, { ca: ca.ca })
+  t.after(() => session.destroy())
+  await once(session, 'connect')
+  const h2 = rid()
+  const reached = arrived()
+  const stream = session.request({ ':path': '/al-hang/h2', 'x-request-id': h2 })
+  stream.on('error', () => {})
+  await reached
+  stream.close(http2.constants.NGHTTP2_CANCEL)
+  const l2 = await log.line(h2)
+  assert.deepEqual([l2.status, l2.route, l2.target], [499, 'al-hang', up.url])
+  const mine = log.raw.filter((l) => l.includes(`"reqId":"${h1}"`) || l.includes(`"reqId":"${h2}"`))
+  assert.equal(mine.filter((l) => l.includes('"msg":"request"')).length, 2, 'one access line each: ' + mine.join(''))
 })

@@ -1,10 +1,13 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import type http from 'node:http'
+import http2 from 'node:http2'
+import { once } from 'node:events'
 import { request } from 'undici'
 import { freePort, startGateway, startUpstream } from './helper.js'
 import { delta, parseExposition, scrapeAdmin, seriesOf, settled, sumOf, valueOf } from './metrics-exposition.js'
 import { NO_ROUTE } from '../src/metrics.js'
+import { createCa } from './certs.js'
 
 const cacheable = (_req: http.IncomingMessage, res: http.ServerResponse): void => {
   res.writeHead(200, { 'content-type': 'text/plain', 'cache-control': 'public, max-age=60', 'content-length': '6' })
@@ -190,4 +193,46 @@ test('config reloads are counted ok and failed, and the version in service is a 
   assert.equal(delta(afterOk, afterBad, 'gatehouse_config_reloads_total', { result: 'failed' }), 1)
   assert.equal(delta(afterOk, afterBad, 'gatehouse_config_reloads_total', { result: 'ok' }), 0)
   assert.equal(valueOf(afterBad, 'gatehouse_config_version', {}), valueOf(afterOk, 'gatehouse_config_version', {}))
+})
+
+test('HTTP/2 requests are counted with their status, and a reset stream as 499', async (t) => {
+  const ca = createCa(t)
+  const leaf = ca.issue('gateway.test')
+  let arrived!: () => void
+  const arrival = new Promise<void>((resolve) => { arrived = resolve })
+  const up = await startUpstream(t, (req, res) => {
+    if (req.url === '/hang') {
+      req.on('error', () => {})
+      arrived()
+      return
+    }
+    res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '2' })
+    res.end('ok')
+  })
+  const gw = await startGateway(t, {
+    config: { tls: { cert: leaf.certFile, key: leaf.keyFile } },
+    routes: { 'mt-h2': { match: { prefix: '/mt-h2' }, upstream: { targets: [{ url: up.url }], retries: { attempts: 0 } } } }
+  })
+  const session = http2.connect(`https://127.0.0.1:${gw.port}`, { ca: ca.ca })
+  t.after(() => session.destroy())
+  await once(session, 'connect')
+  const get = async (path: string): Promise<number> => {
+    const stream = session.request({ ':path': path, ':method': 'GET' })
+    const [headers] = await once(stream, 'response') as [http2.IncomingHttpHeaders]
+    for await (const chunk of stream) void chunk
+    return Number(headers[':status'])
+  }
+  const before = await scrapeAdmin(gw.adminUrl)
+  for (let i = 0; i < 3; i++) assert.equal(await get('/mt-h2/x'), 200)
+  assert.equal(await get('/mt-h2-missing'), 404)
+  const hanging = session.request({ ':path': '/mt-h2/hang', ':method': 'GET' })
+  hanging.on('error', () => {})
+  await arrival
+  hanging.close(http2.constants.NGHTTP2_CANCEL)
+  const after = await settled(gw.adminUrl, (f) => delta(before, f, 'gatehouse_requests_total', { route: 'mt-h2', method: 'GET', status: '499' }) >= 1)
+  assert.equal(delta(before, after, 'gatehouse_requests_total', { route: 'mt-h2', method: 'GET', status: '200' }), 3)
+  assert.equal(delta(before, after, 'gatehouse_requests_total', { route: NO_ROUTE, method: 'GET', status: '404' }), 1)
+  assert.equal(delta(before, after, 'gatehouse_requests_total', { route: 'mt-h2', method: 'GET', status: '499' }), 1)
+  assert.equal(sumOf(after, 'gatehouse_requests_total', {}) - sumOf(before, 'gatehouse_requests_total', {}), 5)
+  assert.equal(delta(before, after, 'gatehouse_requests_in_flight', {}), 0)
 })
