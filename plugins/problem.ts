@@ -72,6 +72,11 @@ const problem: FastifyPluginAsync = async function problem (fastify) {
     if (meta.code === 'GATEHOUSE_INTERNAL') request.log.error({ err: error }, 'unhandled error')
     sendProblem(request, reply, error)
   })
+  // Nothing outside a route reads a request body: without this, the not-found handler would
+  // buffer and parse a JSON body (up to bodyLimit) only to answer 404, or 400 if it is not JSON.
+  // Upstream routes install their own pass-through parser.
+  fastify.removeAllContentTypeParsers()
+  fastify.addContentTypeParser('*', function ignoreBody (_request, _payload, done) { done(null) })
   fastify.setNotFoundHandler(function routeNotFound (request, reply) {
     const path = request.url.split('?')[0]
     sendProblem(request, reply, new errors.GATEHOUSE_ROUTE_NOT_FOUND(`${request.method} ${path.length > 200 ? path.slice(0, 200) + '...' : path}`))

@@ -375,3 +375,19 @@ test('a route file\'s plugin hooks apply to its own service, and only to it', as
   const none = await call(`${gw.url}/nothing`)
   assert.equal(none.headers['x-tagged'], undefined)
 })
+
+test('bodies are never parsed: invalid JSON is forwarded byte for byte, and an unknown route answers 404 without reading it', async (t) => {
+  const up = await startUpstream(t, (req, res) => {
+    const chunks: Buffer[] = []
+    req.on('data', (c: Buffer) => chunks.push(c))
+    req.on('end', () => res.end(Buffer.concat(chunks)))
+  })
+  const gw = await startGateway(t, { routes: { svc: route('/svc', up.url) } })
+  const body = '{"a": 1,, bad json \u00e9'
+  const fwd = await call(`${gw.url}/svc/x`, { method: 'POST', body, headers: { 'content-type': 'application/json' } })
+  assert.equal(fwd.status, 200)
+  assert.equal(fwd.text, body)
+  const lost = await rawCall(gw.port, ['POST /nothing HTTP/1.1', 'Host: gw.test', 'Content-Type: application/json', 'Content-Length: 5'], '{bad ')
+  assert.equal(lost.status, 404)
+  assert.equal(JSON.parse(lost.body).code, 'GATEHOUSE_ROUTE_NOT_FOUND')
+})
