@@ -517,6 +517,13 @@ function checkGateway (config: GatewayConfig, label: string, file: string | unde
       problems.push({ file: label, path: '/jwt/secret', message: 'is shorter than 32 characters', hint: 'use a random secret of at least 32 characters' })
     }
     mustExist(jwt.publicKey, '/jwt/publicKey')
+    const hmac = jwt.algorithms?.filter((a) => a.startsWith('HS')) ?? []
+    if (jwt.secret !== undefined && hmac.length !== (jwt.algorithms?.length ?? 0)) {
+      problems.push({ file: label, path: '/jwt/algorithms', message: 'lists algorithms a secret cannot verify', hint: 'with secret use HS256, HS384 or HS512' })
+    }
+    if (jwt.secret === undefined && hmac.length > 0) {
+      problems.push({ file: label, path: '/jwt/algorithms', message: `${hmac.join(', ')} cannot be used with a public key or JWKS`, hint: 'HMAC with a public key would let anyone sign tokens: use RS256, PS256, ES256 or EdDSA' })
+    }
   }
   if (config.cache.store === 'redis' && config.redis === undefined) {
     problems.push({ file: label, path: '/cache/store', message: 'is redis but no redis is configured', hint: 'add redis: { url: redis://127.0.0.1:6379 } or use store: memory' })

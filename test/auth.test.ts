@@ -168,13 +168,13 @@ test('auth config mistakes stop the start with a clear message', async (t) => {
   const route = { match: { prefix: '/svc' }, upstream: { targets: [{ url: up.url }] } }
   await assert.rejects(startGateway(t, { routes: { svc: { ...route, auth: { jwt: true } } } }), /auth\.jwt needs jwt in gatehouse\.yaml/)
   await assert.rejects(startGateway(t, { routes: { svc: { ...route, auth: { apiKey: true } } } }), /auth\.apiKey needs apiKeys/)
-  await assert.rejects(startGateway(t, { config: { jwt: { secret: SECRET, algorithms: ['RS256'] } }, routes: { svc: route } }), /RS256 cannot be verified with the configured secret/)
+  await assert.rejects(startGateway(t, { config: { jwt: { secret: SECRET, algorithms: ['RS256'] } }, routes: { svc: route } }), /\/jwt\/algorithms: lists algorithms a secret cannot verify/)
   await assert.rejects(startGateway(t, { config: { jwt: { secret: SECRET, algorithms: ['none'] } }, routes: { svc: route } }), /algorithms/)
   const { publicPem } = rsaPair()
   const dir = mkdtempSync(join(tmpdir(), 'gatehouse-key-'))
   t.after(() => rmSync(dir, { recursive: true, force: true }))
   writeFileSync(join(dir, 'jwt.pem'), publicPem)
-  await assert.rejects(startGateway(t, { config: { jwt: { publicKey: join(dir, 'jwt.pem'), algorithms: ['HS256'] } }, routes: { svc: route } }), /HS256 cannot be verified with the configured public key/)
+  await assert.rejects(startGateway(t, { config: { jwt: { publicKey: join(dir, 'jwt.pem'), algorithms: ['HS256'] } }, routes: { svc: route } }), /\/jwt\/algorithms: HS256 cannot be used with a public key or JWKS/)
 })
 
 test('optional JWT: no token passes without identity (forged identity headers still dropped); a bad token is still 401', async (t) => {
