@@ -82,3 +82,19 @@ test('a static route with several hosts serves every one of them', async (t) => 
   }
   assert.equal((await call(`${gw.url}/docs/a.txt`, { headers: { host: 'other.example.com' } })).status, 404)
 })
+
+test('a static route file\'s plugin hooks reach its files', async (t) => {
+  const root = site(t)
+  const gw = await startGateway(t, { routes: {} })
+  writeFileSync(join(gw.routesDir, 'docs.js'), `module.exports = {
+    match: { prefix: '/docs' },
+    static: { root: ${JSON.stringify(root)} },
+    plugin: async (fastify) => {
+      fastify.addHook('onSend', async (_request, reply) => { reply.header('x-docs-plugin', 'on') })
+    }
+  }\n`)
+  assert.equal((await gw.gateway.reload()).ok, true)
+  const res = await call(`${gw.url}/docs/a.txt`)
+  assert.equal(res.status, 200)
+  assert.equal(res.headers['x-docs-plugin'], 'on')
+})
