@@ -15,7 +15,7 @@ const HSTS = 'max-age=31536000; includeSubDomains'
  * Security headers on every response (onSend, so they reach problem documents, cached and
  * proxied responses alike). An upstream's own value of one of them is kept: it knows its pages
  * (a SAMEORIGIN frame policy, say). Strict-Transport-Security only over TLS, where it means
- * something. Server and X-Powered-By of upstreams are removed whatever the setting.
+ * something (also behind a trusted TLS-offloading proxy). Server and X-Powered-By of upstreams are removed whatever the setting.
  */
 const securityHeaders: FastifyPluginAsync = async function securityHeaders (fastify) {
   const enabled = fastify.gatehouse.config.securityHeaders
@@ -23,7 +23,8 @@ const securityHeaders: FastifyPluginAsync = async function securityHeaders (fast
     for (const h of REVEALING) if (reply.hasHeader(h)) reply.removeHeader(h)
     if (enabled) {
       for (const [name, value] of DEFAULTS) if (!reply.hasHeader(name)) reply.header(name, value)
-      if (request.protocol === 'https' && (request.raw.socket as { encrypted?: boolean }).encrypted === true && !reply.hasHeader('strict-transport-security')) {
+      // request.protocol is the socket's, or X-Forwarded-Proto from a trusted proxy (TLS offload).
+      if (request.protocol === 'https' && !reply.hasHeader('strict-transport-security')) {
         reply.header('strict-transport-security', HSTS)
       }
     }

@@ -21,6 +21,10 @@ test('security headers on proxied and gateway-made responses; Server and X-Power
   assert.equal(res.headers['x-frame-options'], 'DENY')
   assert.equal(res.headers['referrer-policy'], 'no-referrer')
   assert.equal(res.headers['strict-transport-security'], undefined)
+  // A client cannot ask for HSTS by claiming https: X-Forwarded-Proto counts only from trusted proxies.
+  const claimed = await request(`${gw.url}/svc/page`, { headers: { 'x-forwarded-proto': 'https' } })
+  await claimed.body.dump()
+  assert.equal(claimed.headers['strict-transport-security'], undefined)
   // An upstream's own frame policy is kept.
   const framed = await request(`${gw.url}/svc/framed`)
   await framed.body.dump()
@@ -132,4 +136,15 @@ test('IP filter behind a trusted proxy: the client address from X-Forwarded-For 
   assert.equal(await code('198.51.100.1'), 200)
   // The deny list cannot be dodged by prepending an address: the right-most untrusted one counts.
   assert.equal(await code('198.51.100.1, 192.0.2.9'), 403)
+})
+
+test('HSTS behind a trusted TLS-offloading proxy', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, { config: { trustProxy: ['127.0.0.1'] }, routes: { svc: { match: { prefix: '/svc' }, upstream: { targets: [{ url: up.url }] } } } })
+  const viaTls = await request(`${gw.url}/svc`, { headers: { 'x-forwarded-proto': 'https' } })
+  await viaTls.body.dump()
+  assert.match(String(viaTls.headers['strict-transport-security']), /^max-age=/)
+  const plain = await request(`${gw.url}/svc`, { headers: { 'x-forwarded-proto': 'http' } })
+  await plain.body.dump()
+  assert.equal(plain.headers['strict-transport-security'], undefined)
 })
