@@ -26,13 +26,20 @@ export const metrics = {
   websocketConnections: new Gauge({ name: 'gatehouse_websocket_connections', help: 'WebSocket connections open, by route', labelNames: ['route'] as const, registers: [registry] }),
   configReloads: new Counter({ name: 'gatehouse_config_reloads_total', help: 'Route-table reloads, by result (ok, failed)', labelNames: ['result'] as const, registers: [registry] }),
   configVersion: new Gauge({ name: 'gatehouse_config_version', help: 'The version of the route table in service (1 at start, +1 per successful reload)', registers: [registry] }),
-  configReloadTime: new Gauge({ name: 'gatehouse_config_last_reload_success_timestamp_seconds', help: 'When the route table in service was loaded (Unix time)', registers: [registry] })
+  configReloadTime: new Gauge({ name: 'gatehouse_config_last_reload_success_timestamp_seconds', help: 'When the route table in service was loaded (Unix time)', registers: [registry] }),
+  parserRefused: new Counter({ name: 'gatehouse_parser_refused_total', help: 'Requests the HTTP parser refused before routing, by status (400 malformed, 408 too slow, 431 headers too large)', labelNames: ['status'] as const, registers: [registry] })
 }
 
 // Series that exist before the first event, so that rate() and alerts see a 0 rather than nothing.
 metrics.configReloads.inc({ result: 'ok' }, 0)
 metrics.configReloads.inc({ result: 'failed' }, 0)
 metrics.inflight.set(0)
+for (const status of ['400', '408', '431']) metrics.parserRefused.inc({ status }, 0)
+
+/** Counts a request Node's parser refused (server.ts clientError): it never reaches a route. */
+export function recordParserRefusal (status: number): void {
+  metrics.parserRefused.inc({ status: String(status) })
+}
 
 /** Records a route-table load: the first one at start, then each reload (server.ts). */
 export function recordConfigLoad (ok: boolean, version: number): void {

@@ -7,7 +7,7 @@ import pino, { type Logger } from 'pino'
 import { loadGatewayConfig, loadRoutes, ConfigError, type CliOverrides, type GatewayConfig, type RouteDefinition } from './config.js'
 import { buildGateway } from './app.js'
 import { ProcessState } from './state.js'
-import { recordConfigLoad } from './metrics.js'
+import { recordConfigLoad, recordParserRefusal } from './metrics.js'
 import admin from '../plugins/admin.js'
 import { GATEHOUSE_HEADERS_TOO_LARGE, GATEHOUSE_BAD_REQUEST, errorMeta, problemType } from './errors.js'
 import { Certificates, createRedirectServer, createSecureListener, type SecureListener } from './tls.js'
@@ -213,6 +213,7 @@ export class GatewayServer {
       }
       const tooLarge = err.code === 'HPE_HEADER_OVERFLOW'
       const status = tooLarge ? 431 : (err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400)
+      recordParserRefusal(status)
       const body = tooLarge
         ? problemBody('GATEHOUSE_HEADERS_TOO_LARGE', new GATEHOUSE_HEADERS_TOO_LARGE().message)
         : problemBody('GATEHOUSE_BAD_REQUEST', new GATEHOUSE_BAD_REQUEST(status === 408 ? 'The request was not received in time' : 'The request is malformed').message)

@@ -4,7 +4,7 @@ import type http from 'node:http'
 import http2 from 'node:http2'
 import { once } from 'node:events'
 import { request } from 'undici'
-import { freePort, startGateway, startUpstream } from './helper.js'
+import { freePort, rawRequest, startGateway, startUpstream } from './helper.js'
 import { delta, parseExposition, scrapeAdmin, seriesOf, settled, sumOf, valueOf } from './metrics-exposition.js'
 import { NO_ROUTE } from '../src/metrics.js'
 import { createCa } from './certs.js'
@@ -235,4 +235,17 @@ test('HTTP/2 requests are counted with their status, and a reset stream as 499',
   assert.equal(delta(before, after, 'gatehouse_requests_total', { route: 'mt-h2', method: 'GET', status: '499' }), 1)
   assert.equal(sumOf(after, 'gatehouse_requests_total', {}) - sumOf(before, 'gatehouse_requests_total', {}), 5)
   assert.equal(delta(before, after, 'gatehouse_requests_in_flight', {}), 0)
+})
+
+test('requests the HTTP parser refuses before routing are counted by status', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, { routes: { 'mt-parser': { match: { prefix: '/mt-parser' }, upstream: { targets: [{ url: up.url }] } } } })
+  const before = await scrapeAdmin(gw.adminUrl)
+  assert.match(await rawRequest(gw.port, 'GET /mt-parser/x HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n'), /^HTTP\/1\.1 400 /)
+  assert.match(await rawRequest(gw.port, `GET /mt-parser/x HTTP/1.1\r\nHost: a\r\nX-Big: ${'a'.repeat(32 * 1024)}\r\n\r\n`), /^HTTP\/1\.1 431 /)
+  const after = await scrapeAdmin(gw.adminUrl)
+  assert.equal(delta(before, after, 'gatehouse_parser_refused_total', { status: '400' }), 1)
+  assert.equal(delta(before, after, 'gatehouse_parser_refused_total', { status: '431' }), 1)
+  // They reached no route, so they are not in the per-route counts.
+  assert.equal(sumOf(after, 'gatehouse_requests_total', {}) - sumOf(before, 'gatehouse_requests_total', {}), 0)
 })
