@@ -65,7 +65,9 @@ const limits: FastifyPluginAsync = async function limits (fastify) {
   if (maxConcurrent === undefined) return
   let inflight = 0
   const release = (): void => { inflight-- }
-  fastify.addHook('onRequest', function limitConcurrency (_request, reply, done) {
+  fastify.addHook('onRequest', function limitConcurrency (request, reply, done) {
+    // A WebSocket tunnel lives on after its request: it is bounded by maxConnectionsPerIp instead.
+    if (request.headers.upgrade !== undefined) return done()
     if (inflight >= maxConcurrent) {
       reply.header('retry-after', String(OVERLOAD_RETRY_AFTER))
       done(new GATEHOUSE_OVERLOADED())
