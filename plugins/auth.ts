@@ -185,7 +185,9 @@ const auth: FastifyPluginAsync = async function auth (fastify) {
           // fast-jwt skips the aud/iss check of a token that has no such claim: require them.
           requiredClaims: [...(issuer !== undefined ? ['iss'] : []), ...(audience !== undefined ? ['aud'] : [])],
           clockTolerance: jwt.clockSkew ?? DEFAULT_SKEW,
-          cache: 1000,
+          // Caching verified tokens pays off for RSA/EC signatures; for HMAC, hashing the token
+          // for the cache key costs as much as verifying it.
+          cache: jwt.secret !== undefined ? false : 1000,
           errorCacheTTL: 0,
           extractToken: (request: TokenRequest) => request[kToken]
         }
