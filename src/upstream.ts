@@ -222,7 +222,10 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     }
     if (remaining < backoff * 2 ** state.attempts + Math.min(100, up!.timeouts.response)) return undefined
     const next = pool.pick(request, tried)
-    if (next === undefined || !pool.budget.tryRetry(Date.now())) return undefined
+    // The budget guards a struggling service against retry storms; a request whose connection
+    // was never made added no load anywhere, so failing it over does not spend the budget (a dead
+    // target would otherwise exhaust it and surface errors until the health check catches up).
+    if (next === undefined || (kind !== 'connect' && !pool.budget.tryRetry(Date.now()))) return undefined
     return next
   }
 

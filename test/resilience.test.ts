@@ -350,3 +350,21 @@ test('a reload keeps what the health checks know: a target found down stays out 
   const res = await get(`${gw.url}/kept/x`, { method: 'POST', body: 'x' })
   assert.equal(res.status, 200, 'a POST with a streamed body is not sent to the known-dead target')
 })
+
+test('failing over a refused connection does not spend the retry budget: a dead target never surfaces a 502', async (t) => {
+  const good = await startUpstream(t, (_req, res) => res.end('ok'))
+  const dead = `http://127.0.0.1:${await freePort()}`
+  const gw = await startGateway(t, {
+    routes: {
+      svc: {
+        match: { prefix: '/svc' },
+        // budget 0 leaves only the floor of 3 retries for everything else
+        upstream: { targets: [{ url: dead }, { url: good.url }], retries: { attempts: 1, budget: 0 } }
+      }
+    }
+  })
+  const statuses: number[] = []
+  for (let i = 0; i < 30; i++) statuses.push((await get(`${gw.url}/svc/x`)).status)
+  assert.deepEqual(statuses.filter((s) => s !== 200), [], 'every request failed over to the live target')
+  assert.equal(good.received.length, 30)
+})
