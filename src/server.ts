@@ -10,7 +10,7 @@ import { ProcessState } from './state.js'
 import { recordConfigLoad, recordParserRefusal } from './metrics.js'
 import admin from '../plugins/admin.js'
 import { GATEHOUSE_HEADERS_TOO_LARGE, GATEHOUSE_BAD_REQUEST, errorMeta, problemType } from './errors.js'
-import { Certificates, createRedirectServer, createSecureListener, type SecureListener } from './tls.js'
+import { Certificates, createRedirectServer, createSecureListener, http1Options, type SecureListener } from './tls.js'
 import { WebSocketTunnels } from './websocket.js'
 import { compileTrust } from './trust.js'
 import { limitConnectionsPerIp } from '../plugins/limits.js'
@@ -187,17 +187,7 @@ export class GatewayServer {
     // With TLS, HTTP/2 and HTTP/1.1 share the port (ALPN); Fastify handles both request kinds.
     const server = this.certificates !== undefined
       ? createSecureListener(this.certificates, limits, onRequest as unknown as Parameters<typeof createSecureListener>[2])
-      : http.createServer({
-        maxHeaderSize: limits.maxHeaderBytes,
-        headersTimeout: limits.headersTimeout,
-        requestTimeout: limits.requestTimeout,
-        keepAliveTimeout: limits.keepAliveTimeout,
-        // Node enforces the two timeouts above only every 30 s by default: check every second.
-        connectionsCheckingInterval: 1000,
-        // Duplicate headers are joined rather than dropped, so that two Host headers can be seen.
-        joinDuplicateHeaders: true,
-        requireHostHeader: false
-      }, onRequest)
+      : http.createServer(http1Options(limits), onRequest)
     limitConnectionsPerIp(server, limits.maxConnectionsPerIp, compileTrust(this.config.trustProxy))
     // WebSocket upgrades take the way of any request through the current version (src/websocket.ts).
     server.on('upgrade', (req: IncomingMessage, socket: Socket, head: Buffer) => {

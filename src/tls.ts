@@ -20,6 +20,21 @@ import { GATEHOUSE_HEADERS_TOO_LARGE, problemType } from './errors.js'
 type TlsConfig = NonNullable<GatewayConfig['tls']>
 type Limits = GatewayConfig['limits']
 
+/** The HTTP/1.1 parser and timeout settings of every public listener, plain or TLS. */
+export function http1Options (limits: Limits): http.ServerOptions {
+  return {
+    maxHeaderSize: limits.maxHeaderBytes,
+    headersTimeout: limits.headersTimeout,
+    requestTimeout: limits.requestTimeout,
+    keepAliveTimeout: limits.keepAliveTimeout,
+    // Node enforces the two timeouts above only every 30 s by default: check every second.
+    connectionsCheckingInterval: 1000,
+    // Duplicate headers are joined rather than dropped, so that two Host headers can be seen.
+    joinDuplicateHeaders: true,
+    requireHostHeader: false
+  }
+}
+
 /**
  * TLS 1.2 suites with forward secrecy and AEAD only (Mozilla "intermediate" without DHE); TLS 1.3
  * keeps OpenSSL's defaults, which are all modern. HTTP/2 (RFC 9113 §9.2.2) forbids the rest.
@@ -276,16 +291,7 @@ export function createSecureListener (certs: Certificates, limits: Limits, handl
     handler(req, res)
   }) as SecureListener
   // The HTTP/1.1 fallback reads these from the server object, as http.Server's constructor sets them.
-  Object.assign(server, {
-    maxHeaderSize: limits.maxHeaderBytes,
-    headersTimeout: limits.headersTimeout,
-    requestTimeout: limits.requestTimeout,
-    keepAliveTimeout: limits.keepAliveTimeout,
-    // As on the plain listener: enforce the two timeouts above every second, not every 30 s.
-    connectionsCheckingInterval: 1000,
-    joinDuplicateHeaders: true,
-    requireHostHeader: false
-  })
+  Object.assign(server, http1Options(limits))
   const sockets = new Set<TLSSocket>()
   const sessions = new Set<Http2Session>()
   server.on('secureConnection', (socket: TLSSocket) => {
