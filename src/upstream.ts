@@ -82,6 +82,30 @@ class ClientGone {
   removeListener (_event: 'abort', fn: () => void): void { this.listeners.delete(fn) }
 }
 
+/**
+ * The abort signal of one attempt, in the EventEmitter shape undici also accepts (one listener:
+ * undici adds exactly one). An AbortController with its EventTarget cost ~6-20 % of the plain
+ * route's CPU per request (bench --compare, 2026-11-23).
+ */
+class AttemptSignal {
+  aborted = false
+  reason: unknown
+  private listener: (() => void) | undefined
+
+  abort (reason: unknown): void {
+    if (this.aborted) return
+    this.aborted = true
+    this.reason = reason
+    const fn = this.listener
+    this.listener = undefined
+    fn?.()
+  }
+
+  on (_event: 'abort', fn: () => void): void { this.listener = fn }
+  once (_event: 'abort', fn: () => void): void { this.listener = fn }
+  removeListener (_event: 'abort', _fn: () => void): void { this.listener = undefined }
+}
+
 /** Counts a streamed request body and fails it past the limit: a pass-through parser skips bodyLimit. */
 class BodyLimit extends Transform {
   private seen = 0
@@ -254,11 +278,11 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
         const started = performance.now()
         // undici's headersTimeout ticks in half seconds (300 ms fires after ~1 s): each attempt
         // gets its own timer, and its own signal, which the client going away aborts too.
-        const attemptAbort = new AbortController()
+        const attemptAbort = new AttemptSignal()
         const onGone = (): void => { attemptAbort.abort(abortError('the client went away', 'UND_ERR_ABORTED')) }
         gone.on('abort', onGone)
         const timer = setTimeout(() => { attemptAbort.abort(abortError('the upstream did not answer in time', 'UND_ERR_HEADERS_TIMEOUT')) }, Math.max(1, Math.min(up!.timeouts.response, deadline - started)))
-        opts.signal = attemptAbort.signal
+        opts.signal = attemptAbort as unknown as AbortSignal
         const admission = pool.started(target)
         agent.request(opts, (err, settled) => {
           clearTimeout(timer)
