@@ -1,12 +1,15 @@
 import http2 from 'node:http2'
 import autocannon from 'autocannon'
+import { Pool } from 'undici'
 import * as hdr from 'hdr-histogram-js'
 
 /*
  * The load generator, run as its own process (pinned to another core than the gateway's) so it
  * never competes with the process it measures. The parent sends one `run` message per
- * measurement and gets a `result` back. HTTP/1.1 and TLS go through autocannon; autocannon does
- * not speak HTTP/2, so h2 uses a small closed-loop (or fixed-rate) client on node:http2.
+ * measurement and gets a `result` back. Closed-loop HTTP/1.1 and TLS runs go through autocannon;
+ * autocannon does not speak HTTP/2, so h2 uses a small client on node:http2. Fixed-rate runs are
+ * open loop and evenly paced (every 10 ms) on undici or node:http2: autocannon's own rate limit
+ * sends each second's quota in one burst, which measures its bursts rather than the proxy.
  * Latencies are recorded in microseconds from each response's own timing (autocannon's own
  * histogram has whole-millisecond resolution, too coarse for a proxy that adds ~0.1 ms).
  */
@@ -121,22 +124,7 @@ async function runH2 (req: LoadRequest): Promise<LoadResult> {
   })
 
   if (req.rate > 0) {
-    // Open loop: issue requests on a fixed schedule, whatever the responses do.
-    const pending = new Set<Promise<void>>()
-    const perTick = req.rate / 100
-    let owed = 0
-    await new Promise<void>((resolve) => {
-      const timer = setInterval(() => {
-        if (Date.now() >= deadline) { clearInterval(timer); resolve(); return }
-        owed += perTick
-        for (; owed >= 1; owed--) {
-          const p = one()
-          pending.add(p)
-          void p.then(() => pending.delete(p))
-        }
-      }, 10)
-    })
-    await Promise.all(pending)
+    await paced(req.rate, deadline, one)
   } else {
     await Promise.all(Array.from({ length: req.connections }, async () => {
       while (Date.now() < deadline) await one()
@@ -147,9 +135,55 @@ async function runH2 (req: LoadRequest): Promise<LoadResult> {
   return summarize(h, requests, seconds, non2xx, errors, 0)
 }
 
+/** Open loop: `rate` requests per second, issued every 10 ms whatever the responses do. */
+async function paced (rate: number, deadline: number, one: () => Promise<void>): Promise<void> {
+  const pending = new Set<Promise<void>>()
+  const perTick = rate / 100
+  let owed = 0
+  await new Promise<void>((resolve) => {
+    const timer = setInterval(() => {
+      if (Date.now() >= deadline) { clearInterval(timer); resolve(); return }
+      owed += perTick
+      for (; owed >= 1; owed--) {
+        const p = one()
+        pending.add(p)
+        void p.then(() => pending.delete(p))
+      }
+    }, 10)
+  })
+  await Promise.all(pending)
+}
+
+/** Fixed-rate HTTP/1.1 (and TLS) on an undici pool of `connections` keep-alive connections. */
+async function runH1Paced (req: LoadRequest): Promise<LoadResult> {
+  const url = new URL(req.url)
+  const pool = new Pool(url.origin, { connections: req.connections, connect: { rejectUnauthorized: false } })
+  const h = histogram()
+  let requests = 0
+  let non2xx = 0
+  let errors = 0
+  const started = process.hrtime.bigint()
+  const one = async (): Promise<void> => {
+    const t0 = process.hrtime.bigint()
+    try {
+      const res = await pool.request({ path: url.pathname + url.search, method: 'GET', headers: req.headers })
+      await res.body.dump()
+      requests++
+      if (res.statusCode >= 200 && res.statusCode < 300) h.recordValue(Math.max(1, Number(process.hrtime.bigint() - t0) / 1000 | 0))
+      else non2xx++
+    } catch {
+      errors++
+    }
+  }
+  await paced(req.rate, Date.now() + req.duration * 1000, one)
+  const seconds = Number(process.hrtime.bigint() - started) / 1e9
+  await pool.close()
+  return summarize(h, requests, seconds, non2xx, errors, 0)
+}
+
 process.on('message', (msg: { type: string, id: number, request: LoadRequest }) => {
   if (msg.type !== 'run') return
-  const run = msg.request.h2 === true ? runH2 : runH1
+  const run = msg.request.h2 === true ? runH2 : msg.request.rate > 0 ? runH1Paced : runH1
   run(msg.request).then(
     (result) => process.send?.({ type: 'result', id: msg.id, result }),
     (err: Error) => process.send?.({ type: 'result', id: msg.id, error: err.message })

@@ -28,7 +28,8 @@ const USAGE = `Usage: npm run bench -- [options]
   --rounds N        interleaved rounds (default 3)
   --warmup S        seconds of warm-up per scenario (default 1)
   --connections N   concurrent connections (default 50)
-  --rate N          fixed-rate run at N req/s for the latency column; 0 skips it (default 2000)
+  --rate N          fixed-rate run at N req/s for the latency column; keep it below every
+                    scenario's capacity (open loop: above it, queues grow); 0 skips it (default 1000)
   --rate-duration S seconds of the fixed-rate run (default 4)
   --no-pin          do not pin processes to cores
   --soak S          instead of the table: one S-second full-load run of one scenario (--only, default all or plain), sampling RSS
@@ -216,7 +217,7 @@ function parseOptions (): Options {
     rounds: Math.max(1, num(values.rounds, 3, 'rounds')),
     warmup: num(values.warmup, 1, 'warmup'),
     connections: Math.max(1, num(values.connections, 50, 'connections')),
-    rate: num(values.rate, 2000, 'rate'),
+    rate: num(values.rate, 1000, 'rate'),
     rateDuration: num(values['rate-duration'], 4, 'rate-duration'),
     pin: values['no-pin'] !== true && os.availableParallelism() >= 2 && spawnSync('taskset', ['-V']).status === 0,
     soak: num(values.soak, 0, 'soak'),
@@ -482,7 +483,7 @@ function markdown (runs: Running[], opts: Options, taken: Date, mach: Record<str
     '',
     `Taken ${taken.toISOString().slice(0, 16).replace('T', ' ')} UTC on ${String(mach.cpus)} × ${String(mach.cpuModel)}, Node ${String(mach.node)}, ${String(mach.platform)}; ${String(mach.pinned)}; load average at start ${(mach.loadAverage as number[]).join(' ')}.`,
     `Closed loop: autocannon, ${opts.connections} connections, ${opts.rounds} interleaved round(s) of ${opts.duration} s per scenario, median round shown.` +
-      (opts.rate > 0 ? ` Fixed rate: ${opts.rate} req/s for ${opts.rateDuration} s.` : '') +
+      (opts.rate > 0 ? ` Fixed rate: ${opts.rate} req/s for ${opts.rateDuration} s, open loop, evenly paced, ${opts.connections} keep-alive connections.` : '') +
       ' Upstream: node:http, ~1 KiB JSON, keep-alive. HTTP/2 load: a node:http2 client (autocannon has no h2).' +
       ' CPU µs/req: CPU time of the proxy process per request during the closed-loop rounds (less sensitive to a busy machine than req/s).',
     '',
