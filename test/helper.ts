@@ -3,7 +3,7 @@ import net from 'node:net'
 import { mkdtempSync, writeFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
+import { spawn, type ChildProcess } from 'node:child_process'
 import { once } from 'node:events'
 import type { TestContext } from 'node:test'
 import pino from 'pino'
@@ -112,11 +112,6 @@ export async function freePort (): Promise<number> {
 }
 
 export interface RedisServer { port: number, url: string, process: ChildProcess, stop: () => Promise<void> }
-
-/** Whether redis-server is installed (CI installs it; README says how). */
-export function hasRedis (): boolean {
-  return spawnSync('redis-server', ['--version']).status === 0
-}
 
 /** Starts a private redis-server on a free loopback port, without persistence; stopped after the test. */
 export async function startRedis (t: { after: Cleanup }): Promise<RedisServer> {
