@@ -127,35 +127,49 @@ const connectCodes = new Set(['ECONNREFUSED', 'EHOSTUNREACH', 'ENETUNREACH', 'EA
 const resetCodes = new Set(['ECONNRESET', 'EPIPE', 'UND_ERR_SOCKET', 'UND_ERR_CLOSED', 'ECONNABORTED'])
 const dnsCodes = new Set(['ENOTFOUND', 'EAI_AGAIN'])
 
-/** Maps a transport error to the gateway error a client gets; never passes the original text on. */
-export function mapUpstreamError (err: unknown): Error {
+const timeoutCodes = new Set(['UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT', 'FST_REPLY_FROM_GATEWAY_TIMEOUT'])
+
+function isTlsCode (code: string): boolean {
+  return code.startsWith('ERR_TLS') || code.startsWith('ERR_SSL') || code.includes('CERT') || code.startsWith('UNABLE_TO_') || code === 'HOSTNAME_MISMATCH'
+}
+
+function isKnownCode (code: string): boolean {
+  return code === 'GATEHOUSE_PAYLOAD_TOO_LARGE' || code === 'UND_ERR_ABORTED' || code === 'UND_ERR_CONNECT_TIMEOUT' || code === 'ETIMEDOUT' ||
+    connectCodes.has(code) || dnsCodes.has(code) || resetCodes.has(code) || timeoutCodes.has(code) || isTlsCode(code) ||
+    code.startsWith('HPE_') || code === 'UND_ERR_INFO' || code === 'FST_REPLY_FROM_BAD_GATEWAY'
+}
+
+/** The first error along a cause chain whose code says what happened (reply-from and undici wrap). */
+function transportError (err: unknown): (Error & { code: string }) | undefined {
   let e: unknown = err
   for (let depth = 0; depth < 5 && e instanceof Error; depth++) {
-    const code = (e as NodeJS.ErrnoException).code ?? ''
-    if (code === 'GATEHOUSE_PAYLOAD_TOO_LARGE') return e
-    if (connectCodes.has(code)) return new errors.GATEHOUSE_UPSTREAM_UNREACHABLE()
-    if (code === 'UND_ERR_CONNECT_TIMEOUT' || code === 'ETIMEDOUT') return new errors.GATEHOUSE_UPSTREAM_CONNECT_TIMEOUT()
-    if (code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT' || code === 'FST_REPLY_FROM_GATEWAY_TIMEOUT') return new errors.GATEHOUSE_UPSTREAM_TIMEOUT()
-    if (dnsCodes.has(code)) return new errors.GATEHOUSE_UPSTREAM_DNS()
-    if (code.startsWith('ERR_TLS') || code.startsWith('ERR_SSL') || code.includes('CERT') || code.startsWith('UNABLE_TO_') || code === 'HOSTNAME_MISMATCH') return new errors.GATEHOUSE_UPSTREAM_TLS()
-    if (resetCodes.has(code)) return new errors.GATEHOUSE_UPSTREAM_RESET()
-    if (code.startsWith('HPE_') || code === 'UND_ERR_INFO' || code === 'FST_REPLY_FROM_BAD_GATEWAY') return new errors.GATEHOUSE_UPSTREAM_BAD_RESPONSE()
+    if (isKnownCode((e as NodeJS.ErrnoException).code ?? '')) return e as Error & { code: string }
     e = e.cause
   }
+  return undefined
+}
+
+/** Maps a transport error to the gateway error a client gets; never passes the original text on. */
+export function mapUpstreamError (err: unknown): Error {
+  const known = transportError(err)
+  const code = known?.code ?? ''
+  if (code === 'GATEHOUSE_PAYLOAD_TOO_LARGE') return known as Error
+  if (connectCodes.has(code)) return new errors.GATEHOUSE_UPSTREAM_UNREACHABLE()
+  if (code === 'UND_ERR_CONNECT_TIMEOUT' || code === 'ETIMEDOUT') return new errors.GATEHOUSE_UPSTREAM_CONNECT_TIMEOUT()
+  if (timeoutCodes.has(code)) return new errors.GATEHOUSE_UPSTREAM_TIMEOUT()
+  if (dnsCodes.has(code)) return new errors.GATEHOUSE_UPSTREAM_DNS()
+  if (isTlsCode(code)) return new errors.GATEHOUSE_UPSTREAM_TLS()
+  if (resetCodes.has(code)) return new errors.GATEHOUSE_UPSTREAM_RESET()
   return new errors.GATEHOUSE_UPSTREAM_BAD_RESPONSE()
 }
 
 /** How an attempt failed, for passive health, the breaker and the retry decision; undefined when the client went away. */
 export function failureKind (err: unknown): FailureKind | undefined {
-  let e: unknown = err
-  for (let depth = 0; depth < 5 && e instanceof Error; depth++) {
-    const code = (e as NodeJS.ErrnoException).code ?? ''
-    if (code === 'UND_ERR_ABORTED' || code === 'GATEHOUSE_PAYLOAD_TOO_LARGE') return undefined
-    if (connectCodes.has(code) || dnsCodes.has(code) || code === 'UND_ERR_CONNECT_TIMEOUT') return 'connect'
-    if (code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT' || code === 'ETIMEDOUT') return 'timeout'
-    if (resetCodes.has(code)) return 'reset'
-    e = e.cause
-  }
+  const code = transportError(err)?.code ?? ''
+  if (code === 'UND_ERR_ABORTED' || code === 'GATEHOUSE_PAYLOAD_TOO_LARGE') return undefined
+  if (connectCodes.has(code) || dnsCodes.has(code) || code === 'UND_ERR_CONNECT_TIMEOUT') return 'connect'
+  if (timeoutCodes.has(code) || code === 'ETIMEDOUT') return 'timeout'
+  if (resetCodes.has(code)) return 'reset'
   return 'other'
 }
 
