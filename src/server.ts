@@ -56,6 +56,10 @@ class Version {
   }
 }
 
+const kVersion = Symbol('gatehouse.version')
+/** A response in flight, with the version of the route table that serves it. */
+type TrackedResponse = ServerResponse & { [kVersion]: Version }
+
 export interface GatewayServerOptions {
   /** gatehouse.yaml; undefined runs on the embedded defaults. */
   configFile?: string
@@ -175,12 +179,18 @@ export class GatewayServer {
 
   private createServer (): Server | SecureListener {
     const limits = this.config.limits
+    const active = this.active
+    // One shared listener per response (its `this` is the response), not a closure per request.
+    const onClose = function (this: TrackedResponse): void {
+      active.delete(this)
+      this[kVersion].release()
+    }
     const onRequest = (req: IncomingMessage, res: ServerResponse): void => {
       const v = this.current
       v.inflight++
-      res.once('close', v.release)
-      this.active.add(res)
-      res.once('close', () => this.active.delete(res))
+      ;(res as TrackedResponse)[kVersion] = v
+      active.add(res)
+      res.once('close', onClose)
       if (this.closing) res.shouldKeepAlive = false
       v.handler(req, res)
     }
