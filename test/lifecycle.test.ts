@@ -9,7 +9,7 @@ import { once } from 'node:events'
 import type { ServerResponse } from 'node:http'
 import { Pool, request } from 'undici'
 import { stringify } from 'yaml'
-import { startGateway, startUpstream, type Upstream } from './helper.js'
+import { startGateway, startUpstream, type TestGateway, type Upstream } from './helper.js'
 import { route, until } from './core-helper.js'
 
 const CLI = join(__dirname, '..', 'src', 'cli.js')
@@ -19,6 +19,24 @@ async function answering (t: { after: (fn: () => Promise<void>) => void }, body:
     res.setHeader('content-type', 'text/plain')
     res.end(body)
   })
+}
+
+/**
+ * A gateway whose one request is held by a slow upstream while a reload swaps the route to an
+ * upstream answering "new": the held request belongs to the old table.
+ */
+async function reloadWhileARequestIsHeld (t: { after: (fn: () => Promise<void>) => void }): Promise<{ gw: TestGateway, held: ServerResponse[], inflight: ReturnType<typeof request> }> {
+  const held: ServerResponse[] = []
+  let arrived: (() => void) | undefined
+  const slow = await startUpstream(t, (_req, res) => { held.push(res); arrived?.() })
+  const fresh = await answering(t, 'new')
+  const gw = await startGateway(t, { routes: { svc: route('/svc', slow.url) } })
+  const reached = new Promise<void>((resolve) => { arrived = resolve })
+  const inflight = request(`${gw.url}/svc/slow`)
+  await reached
+  gw.writeRoute('svc', route('/svc', fresh.url))
+  assert.equal((await gw.gateway.reload()).ok, true)
+  return { gw, held, inflight }
 }
 
 test('reload under keep-alive traffic: zero failed requests, no dropped connection, the new table takes over', async (t) => {
@@ -71,16 +89,7 @@ test('reload under keep-alive traffic: zero failed requests, no dropped connecti
 })
 
 test('a request in flight during a reload completes on the old table', async (t) => {
-  const held: ServerResponse[] = []
-  let arrived: (() => void) | undefined
-  const slow = await startUpstream(t, (_req, res) => { held.push(res); arrived?.() })
-  const fresh = await answering(t, 'new')
-  const gw = await startGateway(t, { routes: { svc: route('/svc', slow.url) } })
-  const reached = new Promise<void>((resolve) => { arrived = resolve })
-  const inflight = request(`${gw.url}/svc/slow`)
-  await reached
-  gw.writeRoute('svc', route('/svc', fresh.url))
-  assert.equal((await gw.gateway.reload()).ok, true)
+  const { gw, held, inflight } = await reloadWhileARequestIsHeld(t)
   assert.equal(await (await request(`${gw.url}/svc/x`)).body.text(), 'new')
   held[0].end('old, finished')
   const res = await inflight
@@ -237,16 +246,7 @@ test('a keep-alive client gets Connection: close during the drain', async (t) =>
 })
 
 test('a shutdown right after a reload also drains the requests of the old table', async (t) => {
-  const held: ServerResponse[] = []
-  let arrived: (() => void) | undefined
-  const slow = await startUpstream(t, (_req, res) => { held.push(res); arrived?.() })
-  const fresh = await answering(t, 'new')
-  const gw = await startGateway(t, { routes: { svc: route('/svc', slow.url) } })
-  const reached = new Promise<void>((resolve) => { arrived = resolve })
-  const inflight = request(`${gw.url}/svc/slow`)
-  await reached
-  gw.writeRoute('svc', route('/svc', fresh.url))
-  assert.equal((await gw.gateway.reload()).ok, true)
+  const { gw, held, inflight } = await reloadWhileARequestIsHeld(t)
   const closing = gw.gateway.close()
   // The listener is closed at once; the old table's request is still held.
   await until(async () => (await refused(gw.port)) ? true : undefined, 10_000)
