@@ -7,16 +7,22 @@ import { request } from 'undici'
 import { startGateway } from './helper.js'
 import { createCa } from './certs.js'
 
+type H2Handler = (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse) => void
+
 /** An HTTP/2 upstream (h2c, or h2 over TLS) answering with the protocol, url, headers and body size it got. */
 async function startH2Upstream (t: { after: (fn: () => unknown) => void }, tls?: http2.SecureServerOptions): Promise<string> {
-  const handler = (req: http2.Http2ServerRequest, res: http2.Http2ServerResponse): void => {
+  return await listenH2(t, (req, res) => {
     let bytes = 0
     req.on('data', (c: Buffer) => { bytes += c.length })
     req.on('end', () => {
       res.writeHead(200, { 'content-type': 'application/json' })
       res.end(JSON.stringify({ httpVersion: req.httpVersion, url: req.url, headers: req.headers, bytes }))
     })
-  }
+  }, tls)
+}
+
+/** An h2c (or, with `tls`, h2) server on a free port, its sessions destroyed after the test; returns its URL. */
+async function listenH2 (t: { after: (fn: () => unknown) => void }, handler: H2Handler, tls?: http2.SecureServerOptions): Promise<string> {
   const server = tls !== undefined ? http2.createSecureServer(tls, handler) : http2.createServer(handler)
   const sessions = new Set<http2.ServerHttp2Session>()
   server.on('session', (s: http2.ServerHttp2Session) => { sessions.add(s) })
@@ -69,7 +75,7 @@ test('upstream.http2 on an https target negotiates h2 by ALPN (with the route CA
 })
 
 test('streams from an h2c upstream: a long one outlives timeouts.response, a silent one is cut by timeouts.idle', async (t) => {
-  const server = http2.createServer((req, res) => {
+  const target = await listenH2(t, (req, res) => {
     res.writeHead(200, { 'content-type': 'text/event-stream' })
     res.write('data: first\n\n')
     if (req.url !== '/long') return // silent from here on
@@ -83,15 +89,6 @@ test('streams from an h2c upstream: a long one outlives timeouts.response, a sil
     }, 100)
     res.on('close', () => clearInterval(timer))
   })
-  const sessions = new Set<http2.ServerHttp2Session>()
-  server.on('session', (s: http2.ServerHttp2Session) => { sessions.add(s) })
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  t.after(async () => {
-    for (const s of sessions) s.destroy()
-    await new Promise<void>((resolve) => server.close(() => resolve()))
-  })
-  const target = `http://127.0.0.1:${(server.address() as AddressInfo).port}`
   const gw = await startGateway(t, { routes: { s: { match: { prefix: '/s' }, upstream: { targets: [{ url: target }], http2: true, timeouts: { response: '300ms', idle: '400ms' } } } } })
   const long = await request(`${gw.url}/s/long`)
   assert.equal((await long.body.text()).match(/^data: /gm)?.length, 11)
