@@ -21,8 +21,12 @@ import { isWebSocketUpgrade, proxyWebSocket } from './websocket.js'
 const HOP_BY_HOP_REQUEST = ['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-authorization', 'http2-settings', 'expect']
 /** Headers naming the client or its connection, dropped when they come from an untrusted peer. */
 const UNTRUSTED_FORWARDING = ['forwarded', 'x-real-ip', 'x-forwarded-port', 'x-client-ip', 'true-client-ip']
-/** Response headers that concern one connection only. */
-const HOP_BY_HOP_RESPONSE = ['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-authenticate']
+/**
+ * Upstream response headers never passed on: those that concern one connection only, and those
+ * that tell the software and version behind the gateway (whatever `securityHeaders` says).
+ */
+const DROPPED_RESPONSE = ['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-authenticate',
+  'server', 'x-powered-by', 'x-aspnet-version', 'x-aspnetmvc-version']
 
 /** What the gateway knows about the request it is forwarding, read by metrics and the access log. */
 export interface UpstreamState {
@@ -373,7 +377,7 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     if (typeof connection === 'string') {
       for (const name of connection.split(',')) delete headers[name.trim().toLowerCase()]
     }
-    for (const name of HOP_BY_HOP_RESPONSE) if (headers[name] !== undefined) delete headers[name]
+    for (const name of DROPPED_RESPONSE) if (headers[name] !== undefined) delete headers[name]
     for (const name of responseRemove) delete headers[name]
     for (const [k, v] of responseSet) headers[k] = v
     return headers
