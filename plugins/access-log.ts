@@ -167,7 +167,7 @@ const accessLog: FastifyPluginAsync<AccessLogOptions> = async function accessLog
     if (request.method === 'HEAD' || status === 204 || status === 304) bytesOut = 0
     else {
       const length = reply.getHeader('content-length')
-      bytesOut = length !== undefined && ended ? Number(length) : counted[kBytesOut]?.n ?? (ended ? 0 : null)
+      bytesOut = length !== undefined && ended ? Number(length) : counted[kBytesOut]?.n ?? up?.bytesOut ?? (ended ? 0 : null)
     }
     const cache = reply.getHeader('x-cache')
     request.log.info({

@@ -1,12 +1,12 @@
 import fp from 'fastify-plugin'
 import type { FastifyPluginAsync } from 'fastify'
 
-const DEFAULTS: Array<[string, string]> = [
+export const SECURITY_DEFAULTS: ReadonlyArray<readonly [string, string]> = [
   ['x-content-type-options', 'nosniff'],
   ['x-frame-options', 'DENY'],
   ['referrer-policy', 'no-referrer']
 ]
-const HSTS = 'max-age=31536000; includeSubDomains'
+export const HSTS = 'max-age=31536000; includeSubDomains'
 
 /**
  * Security headers on every response (onSend, so they reach problem documents, cached and
@@ -18,7 +18,7 @@ const HSTS = 'max-age=31536000; includeSubDomains'
 const securityHeaders: FastifyPluginAsync = async function securityHeaders (fastify) {
   if (!fastify.gatehouse.config.securityHeaders) return
   fastify.addHook('onSend', function addSecurityHeaders (request, reply, payload, done) {
-    for (const [name, value] of DEFAULTS) if (!reply.hasHeader(name)) reply.header(name, value)
+    for (const [name, value] of SECURITY_DEFAULTS) if (!reply.hasHeader(name)) reply.header(name, value)
     // request.protocol is the socket's, or X-Forwarded-Proto from a trusted proxy (TLS offload).
     if (request.protocol === 'https' && !reply.hasHeader('strict-transport-security')) {
       reply.header('strict-transport-security', HSTS)
