@@ -30,9 +30,52 @@ const kToken = Symbol('gatehouse.token')
 type TokenRequest = FastifyRequest & { [kToken]?: string } & Record<string, unknown>
 type Want = string | number | boolean | readonly string[]
 
+/**
+ * Tokens this route verified, by their exact text, with the claims they carried: a token seen
+ * again is not decoded and its signature not checked again while the entry lasts (Envoy's
+ * jwt_authn does the same). An entry ends at the token's exp (plus the clock skew allowed), after
+ * VERIFIED_TTL_MS at most, so a key taken out of a JWKS stops admitting its tokens soon. Only
+ * successes are kept. Bounded: past VERIFIED_MAX entries the oldest go first.
+ */
+export class VerifiedTokens {
+  private readonly entries = new Map<string, { claims: Record<string, unknown>, until: number }>()
+  private readonly skewMs: number
+  private readonly max: number
+  private readonly ttlMs: number
+
+  constructor (skewMs: number, max = VERIFIED_MAX, ttlMs = VERIFIED_TTL_MS) {
+    this.skewMs = skewMs
+    this.max = max
+    this.ttlMs = ttlMs
+  }
+
+  get (token: string, now: number): Record<string, unknown> | undefined {
+    const e = this.entries.get(token)
+    if (e === undefined) return undefined
+    if (e.until > now) return e.claims
+    this.entries.delete(token)
+    return undefined
+  }
+
+  set (token: string, claims: Record<string, unknown>, now: number): void {
+    const exp = typeof claims.exp === 'number' ? claims.exp * 1000 + this.skewMs : Infinity
+    const until = Math.min(exp, now + this.ttlMs)
+    if (until <= now) return
+    if (this.entries.size >= this.max) this.entries.delete(this.entries.keys().next().value as string)
+    this.entries.set(token, { claims, until })
+  }
+
+  get size (): number { return this.entries.size }
+}
+
+const VERIFIED_MAX = 10_000
+const VERIFIED_TTL_MS = 60_000
+
 interface Policy {
   /** The name of this route's @fastify/jwt request decorator, when it accepts JWTs. */
   verifyName?: string
+  /** Tokens verified on this route (its audience and issuers), kept for a while. */
+  verified?: VerifiedTokens
   /** With a static key, this route's @fastify/jwt verifier, called directly (synchronous). */
   verifySync?: (token: string) => Record<string, unknown>
   jwtOptional: boolean
@@ -185,10 +228,10 @@ const auth: FastifyPluginAsync = async function auth (fastify) {
           // fast-jwt skips the aud/iss check of a token that has no such claim: require them.
           requiredClaims: [...(issuer !== undefined ? ['iss'] : []), ...(audience !== undefined ? ['aud'] : [])],
           clockTolerance: jwt.clockSkew ?? DEFAULT_SKEW,
-          // Caching verified tokens pays off for RSA/EC signatures; for HMAC, hashing the token
-          // for the cache key costs as much as verifying it.
-          cache: jwt.secret !== undefined ? false : 1000,
-          errorCacheTTL: 0,
+          // Verified tokens are kept by the policy (VerifiedTokens), keyed by the token itself:
+          // fast-jwt's own cache hashes each token with SHA-256 for its key, which costs as much
+          // as checking an HMAC signature.
+          cache: false,
           extractToken: (request: TokenRequest) => request[kToken]
         }
       } as unknown as Parameters<typeof jwtPlugin>[1])
@@ -200,6 +243,7 @@ const auth: FastifyPluginAsync = async function auth (fastify) {
         const ns = (fastify as unknown as { jwt: Record<string, { verify: (token: string) => Record<string, unknown> }> }).jwt[namespace]
         policy.verifySync = (token) => ns.verify(token)
       }
+      policy.verified = new VerifiedTokens(jwt.clockSkew ?? DEFAULT_SKEW)
       policy.jwtOptional = rj.optional === true
       policy.cookie = rj.cookie
       policy.requireClaims = Object.entries(rj.requireClaims ?? {})
@@ -224,7 +268,8 @@ const auth: FastifyPluginAsync = async function auth (fastify) {
     return reason === 'forbidden' ? new GATEHOUSE_FORBIDDEN(detail) : new GATEHOUSE_UNAUTHORIZED(detail)
   }
 
-  async function authenticate (request: FastifyRequest, reply: FastifyReply, route: RouteDefinition, policy: Policy): Promise<void> {
+  /** Checks the request's credentials: undefined when settled synchronously, a promise when a JWKS lookup is involved. Throws the refusal. */
+  function authenticate (request: FastifyRequest, reply: FastifyReply, route: RouteDefinition, policy: Policy): Promise<void> | undefined {
     if (policy.apiKey) {
       const presented = request.headers[apiKeyHeader]
       if (typeof presented === 'string' && presented !== '') {
@@ -238,21 +283,44 @@ const auth: FastifyPluginAsync = async function auth (fastify) {
       }
       if (policy.verifyName === undefined) throw refuse(request, reply, route, policy, 'missing_api_key', 'An API key is required')
     }
-    const verifyName = policy.verifyName as string
     const token = extractToken(request, policy.cookie)
     if (token === undefined) {
       if (policy.jwtOptional) return
       throw refuse(request, reply, route, policy, 'missing', policy.apiKey ? 'A bearer token or an API key is required' : 'A bearer token is required')
     }
+    const verified = policy.verified as VerifiedTokens
+    const now = Date.now()
+    const known = verified.get(token, now)
+    if (known !== undefined) {
+      admit(request, reply, route, policy, known)
+      return
+    }
+    if (policy.verifySync !== undefined) {
+      let claims: Record<string, unknown>
+      try {
+        claims = policy.verifySync(token)
+      } catch (err) {
+        throw invalid(request, reply, route, policy, err)
+      }
+      verified.set(token, claims, now)
+      admit(request, reply, route, policy, claims)
+      return
+    }
     const r = request as TokenRequest
     r[kToken] = token
-    let claims: Record<string, unknown>
-    try {
-      claims = policy.verifySync !== undefined ? policy.verifySync(token) : await (r[verifyName] as () => Promise<Record<string, unknown>>).call(request)
-    } catch (err) {
-      const { reason, detail } = tokenFailure(err)
-      throw refuse(request, reply, route, policy, reason, detail, 'invalid_token')
-    }
+    return (r[policy.verifyName as string] as () => Promise<Record<string, unknown>>).call(request).then((claims) => {
+      verified.set(token, claims, Date.now())
+      admit(request, reply, route, policy, claims)
+    }, (err: unknown) => { throw invalid(request, reply, route, policy, err) })
+  }
+
+  function invalid (request: FastifyRequest, reply: FastifyReply, route: RouteDefinition, policy: Policy, err: unknown): Error {
+    const { reason, detail } = tokenFailure(err)
+    return refuse(request, reply, route, policy, reason, detail, 'invalid_token')
+  }
+
+  /** A verified token: its required claims checked, then its claims forwarded as configured. */
+  function admit (request: FastifyRequest, reply: FastifyReply, route: RouteDefinition, policy: Policy, claims: Record<string, unknown>): void {
     for (const [claim, want] of policy.requireClaims) {
       if (!satisfies(claims[claim], want)) throw refuse(request, reply, route, policy, 'forbidden', `The token lacks the required claim ${claim}`, 'insufficient_scope')
     }
@@ -269,7 +337,14 @@ const auth: FastifyPluginAsync = async function auth (fastify) {
     const policy = route !== undefined ? policies.get(route.name) : undefined
     if (policy === undefined) return done(null, payload)
     for (const h of policy.strip) delete request.headers[h]
-    authenticate(request, reply, route as RouteDefinition, policy).then(() => done(null, payload), (err: Error) => done(err))
+    let pending: Promise<void> | undefined
+    try {
+      pending = authenticate(request, reply, route as RouteDefinition, policy)
+    } catch (err) {
+      return done(err as Error)
+    }
+    if (pending === undefined) done(null, payload)
+    else pending.then(() => done(null, payload), (err: Error) => done(err))
   })
 }
 

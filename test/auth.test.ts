@@ -7,6 +7,7 @@ import { request } from 'undici'
 import { rawRequest, startGateway, startUpstream } from './helper.js'
 import { hsToken, noneToken, now, rsToken, rsaPair } from './auth-tokens.js'
 import { registry } from '../src/metrics.js'
+import { VerifiedTokens } from '../plugins/auth.js'
 
 const SECRET = 'a-test-secret-that-is-at-least-32-characters'
 
@@ -207,4 +208,44 @@ test('a WebSocket upgrade on a protected route needs the token too: refused with
   assert.match(answer, /GATEHOUSE_UNAUTHORIZED/)
   assert.equal(upgrades, 0)
   assert.equal(up.received.length, 0)
+})
+
+test('verified tokens are remembered only until they expire: a token accepted once is refused past its exp', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, {
+    config: { jwt: { secret: SECRET, clockSkew: '0s' } },
+    routes: { orders: { match: { prefix: '/orders' }, upstream: { targets: [{ url: up.url }] }, auth: { jwt: true } } }
+  })
+  const exp = now() + 2
+  const token = hsToken(SECRET, { sub: 'alice', exp })
+  const get = async (tok: string): Promise<number> => {
+    const res = await request(`${gw.url}/orders/x`, { headers: { authorization: `Bearer ${tok}` } })
+    await res.body.dump()
+    return res.statusCode
+  }
+  assert.equal(await get(token), 200)
+  assert.equal(await get(token), 200)
+  // The remembered token is the exact text: a changed signature or payload is verified anew.
+  assert.equal(await get(token.slice(0, -2) + (token.endsWith('AA') ? 'BB' : 'AA')), 401)
+  assert.equal(await get(token.replace(/\.[^.]+\./, `.${Buffer.from(JSON.stringify({ sub: 'root', exp })).toString('base64url')}.`)), 401)
+  await new Promise((resolve) => setTimeout(resolve, (exp + 1) * 1000 - Date.now()))
+  assert.equal(await get(token), 401)
+  assert.equal(up.received.length, 2)
+})
+
+test('the verified-token memory is bounded and honours exp plus the clock skew', () => {
+  const tokens = new VerifiedTokens(5_000, 3, 60_000)
+  const t0 = 1_700_000_000_000
+  tokens.set('a', { exp: t0 / 1000 + 10 }, t0)
+  assert.deepEqual(tokens.get('a', t0 + 14_000), { exp: t0 / 1000 + 10 })
+  assert.equal(tokens.get('a', t0 + 15_001), undefined)
+  tokens.set('gone', { exp: t0 / 1000 - 10 }, t0)
+  assert.equal(tokens.get('gone', t0), undefined)
+  tokens.set('b', {}, t0)
+  assert.equal(tokens.get('b', t0 + 59_000) !== undefined, true)
+  assert.equal(tokens.get('b', t0 + 60_001), undefined)
+  for (const k of ['c', 'd', 'e', 'f']) tokens.set(k, {}, t0)
+  assert.equal(tokens.size, 3)
+  assert.equal(tokens.get('c', t0), undefined)
+  assert.notEqual(tokens.get('f', t0), undefined)
 })
