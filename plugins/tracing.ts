@@ -96,7 +96,7 @@ const tracing: FastifyPluginAsync = async function tracing (fastify) {
     headers.traceparent = `00-${traceId}-${spanId}-${flags}`
     request.traceId = traceId
     request.spanId = spanId
-    // pino appends to the request logger's own bindings (cheaper than a child per request).
+    // Added to the request logger's own bindings (src/logger.ts; pino's setBindings otherwise).
     const log = request.log as FastifyBaseLogger & { setBindings?: (bindings: Record<string, string>) => void }
     if (log.setBindings !== undefined) log.setBindings({ traceId })
     else request.log = log.child({ traceId })

@@ -7,6 +7,7 @@ import { upstreamPlugin } from './upstream.js'
 import { staticPlugin } from './static.js'
 import { compileTrust } from './trust.js'
 import { ProcessState } from './state.js'
+import { requestLoggerFactory } from './logger.js'
 import type { Balancer } from './balancer/index.js'
 import fp from 'fastify-plugin'
 import problem, { frameworkErrors } from '../plugins/problem.js'
@@ -81,6 +82,8 @@ export function fastifyOptions (config: GatewayConfig, logger: Logger): FastifyS
     loggerInstance: logger as FastifyBaseLogger,
     // One access-log line per request (plugins/access-log.ts) replaces Fastify's two.
     logController: new LogController({ disableRequestLogging: true }),
+    // Request loggers made only when something logs through them (src/logger.ts).
+    childLoggerFactory: requestLoggerFactory,
     trustProxy: compileTrust(config.trustProxy),
     genReqId,
     rewriteUrl,
