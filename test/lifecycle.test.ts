@@ -203,6 +203,11 @@ test('SIGTERM drains: the in-flight request completes with 200, new connections 
   assert.equal(res.statusCode, 200)
   assert.equal(await res.body.text(), 'finished during drain')
   assert.equal(await gw.exited, 0)
+  // Log lines are written in batches; what was still buffered at exit reached stdout all the same.
+  const stdout = gw.proc.stdout as NodeJS.ReadableStream & { readableEnded: boolean }
+  if (!stdout.readableEnded) await once(stdout, 'end')
+  assert.equal((await gw.logged('request')).status, 200)
+  await gw.logged('gatehouse stopped')
 })
 
 test('SIGHUP re-reads the route files in the running CLI', async (t) => {
