@@ -2,6 +2,7 @@ import { Transform, type TransformCallback } from 'node:stream'
 import type { ServerResponse } from 'node:http'
 import fp from 'fastify-plugin'
 import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
+import { routeConfig } from '../src/fastify-internals.js'
 
 export interface AccessLogOptions {
   enabled: boolean
@@ -173,7 +174,7 @@ const accessLog: FastifyPluginAsync<AccessLogOptions> = async function accessLog
     request.log.info({
       msg: 'request',
       ip: counted[kIp] ?? clientIp(request),
-      route: up?.route ?? request.routeOptions.config.gatehouse?.name ?? null,
+      route: up?.route ?? routeConfig(request).gatehouse?.name ?? null,
       method: request.method,
       path: redactPath(request.url, extra),
       status,

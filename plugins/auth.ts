@@ -7,6 +7,7 @@ import type { GatewayConfig, RouteDefinition } from '../src/config.js'
 import { GATEHOUSE_FORBIDDEN, GATEHOUSE_UNAUTHORIZED } from '../src/errors.js'
 import { metrics } from '../src/metrics.js'
 import { Jwks, JwksError } from '../src/jwks.js'
+import { routeConfig } from '../src/fastify-internals.js'
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -333,7 +334,7 @@ const auth: FastifyPluginAsync = async function auth (fastify) {
 
   fastify.addHook('preParsing', function authenticateRequest (request, reply, payload, done) {
     delete request.headers[CONSUMER_HEADER]
-    const route = request.routeOptions.config.gatehouse
+    const route = routeConfig(request).gatehouse
     const policy = route !== undefined ? policies.get(route.name) : undefined
     if (policy === undefined) return done(null, payload)
     for (const h of policy.strip) delete request.headers[h]

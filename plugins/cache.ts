@@ -13,6 +13,7 @@ import { Collapser } from '../src/cache/collapse.js'
 import { negotiate, precompress, precompressible } from '../src/cache/encoding.js'
 import { MemoryCacheStore } from '../src/stores/cache-memory.js'
 import { RedisCacheStore } from '../src/stores/cache-redis.js'
+import { routeConfig } from '../src/fastify-internals.js'
 import {
   PRIVATE_TARGETED_FIELDS, canStore, freshnessLifetime, initialAge, mergeHeaders, notModified,
   parseCacheControl, responseDirectives, seconds, variantKey, varyNames, type Directives
@@ -277,7 +278,7 @@ const cache: FastifyPluginAsync = async function cache (fastify: FastifyInstance
   }
 
   fastify.addHook('preHandler', async function cacheLookup (request, reply) {
-    const route = request.routeOptions.config?.gatehouse
+    const route = routeConfig(request).gatehouse
     if (route?.cache?.enabled !== true || route.upstream === undefined) return
     const background = request.headers[REFRESH] === refreshToken
     if (request.headers[REFRESH] !== undefined) delete request.raw.headers[REFRESH]

@@ -2,6 +2,7 @@ import fp from 'fastify-plugin'
 import cors, { type FastifyCorsOptions } from '@fastify/cors'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import type { GatewayConfig } from '../src/config.js'
+import { routeConfig } from '../src/fastify-internals.js'
 
 type CorsSetting = GatewayConfig['cors']
 
@@ -46,7 +47,7 @@ const corsPlugin: FastifyPluginAsync = async function corsPlugin (fastify) {
   await fastify.register(cors, {
     hideOptionsRoute: true,
     delegator: (request: FastifyRequest, cb: (err: Error | null, options: FastifyCorsOptions) => void) => {
-      const route = request.routeOptions.config.gatehouse
+      const route = routeConfig(request).gatehouse
       const options = (route !== undefined ? perRoute.get(route.name) : undefined) ?? global
       cb(null, options.origin === false ? options : { ...options, preflight: isPreflight(request), strictPreflight: false })
     }

@@ -3,6 +3,7 @@ import type { FastifyPluginAsync } from 'fastify'
 import proxyAddr from '@fastify/proxy-addr'
 import { GATEHOUSE_IP_DENIED } from '../src/errors.js'
 import { metrics } from '../src/metrics.js'
+import { routeConfig } from '../src/fastify-internals.js'
 
 export interface IpLists { allow: readonly string[], deny: readonly string[] }
 
@@ -37,7 +38,7 @@ const ipFilter: FastifyPluginAsync = async function ipFilter (fastify) {
   if (global === undefined && perRoute.size === 0) return
 
   fastify.addHook('onRequest', function filterIp (request, _reply, done) {
-    const route = request.routeOptions.config.gatehouse
+    const route = routeConfig(request).gatehouse
     const check = route !== undefined ? perRoute.get(route.name) : undefined
     if ((global !== undefined && !global(request.ip)) || (check !== undefined && !check(request.ip))) {
       metrics.authFailures.inc({ route: route?.name ?? '(none)', reason: 'ip_denied' })

@@ -2,6 +2,7 @@ import type { ServerResponse } from 'node:http'
 import fp from 'fastify-plugin'
 import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import { metrics, NO_ROUTE, scrape } from '../src/metrics.js'
+import { routeConfig } from '../src/fastify-internals.js'
 
 declare module 'fastify' {
   interface FastifyContextConfig {
@@ -58,7 +59,7 @@ function record (route: string, method: string, status: number, seconds: number)
  * their name on request.upstream, which spares building routeOptions on the hot path.
  */
 export function routeLabel (request: FastifyRequest): string {
-  return request.upstream?.route ?? request.routeOptions.config.gatehouse?.name ?? NO_ROUTE
+  return request.upstream?.route ?? routeConfig(request).gatehouse?.name ?? NO_ROUTE
 }
 
 const kReply = Symbol('gatehouse.metrics.reply')
@@ -105,7 +106,7 @@ const metricsPlugin: FastifyPluginAsync<MetricsOptions> = async function metrics
     // null: already recorded as an abort. undefined: an earlier onRequest hook answered first.
     if (res[kReply] === null) return done()
     res[kReply] = null
-    if (request.upstream === undefined && request.routeOptions.config.metricsEndpoint === true) return done()
+    if (request.upstream === undefined && routeConfig(request).metricsEndpoint === true) return done()
     // An HTTP/2 stream the client reset still emits 'finish' (so onResponse runs), never ended.
     record(routeLabel(request), request.method, res.writableEnded ? reply.statusCode : CLIENT_CLOSED, reply.elapsedTime / 1000)
     done()

@@ -14,9 +14,7 @@ import { metrics } from './metrics.js'
 import * as errors from './errors.js'
 import { isWebSocketUpgrade, proxyWebSocket } from './websocket.js'
 import { SECURITY_DEFAULTS, HSTS } from '../plugins/security-headers.js'
-
-// The headers hooks set with reply.header(), read without the copies reply.getHeaders() makes.
-const { kReplyHeaders } = require('fastify/lib/symbols.js') as { kReplyHeaders: symbol }
+import { replyHeaders, type HeaderValue } from './fastify-internals.js'
 
 /**
  * Request headers that concern one connection only (RFC 9110 §7.6.1), never forwarded. Expect too:
@@ -33,8 +31,6 @@ const UNTRUSTED_FORWARDING = ['forwarded', 'x-real-ip', 'x-forwarded-port', 'x-c
 const DROPPED_RESPONSE = ['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-authenticate',
   'server', 'x-powered-by', 'x-aspnet-version', 'x-aspnetmvc-version']
 const DROPPED = new Set(DROPPED_RESPONSE)
-
-type HeaderValue = string | string[] | number
 
 /** The value of a header in undici's raw [name, value, ...] list; undefined when absent. */
 function rawHeader (raw: Buffer[], name: string): string | undefined {
@@ -574,7 +570,7 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     /** Writes the status and headers: the upstream's (less hop-by-hop ones), the hooks', the route's. */
     respond (status: number, raw: Buffer[], resume: () => void, attempt: Attempt): boolean {
       if (this.gone) return false
-      const preset = (this.reply as unknown as Record<symbol, Record<string, HeaderValue>>)[kReplyHeaders]
+      const preset = replyHeaders(this.reply)
       const out: HeaderValue[] = []
       const names: string[] = []
       let connection: string | undefined
