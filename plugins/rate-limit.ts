@@ -6,6 +6,7 @@ import { GATEHOUSE_RATE_LIMITED } from '../src/errors.js'
 import { metrics, NO_ROUTE } from '../src/metrics.js'
 import { sharedRedis } from '../src/redis.js'
 import { MemoryRateLimitStore, RedisRateLimitStore, boundedKey, type RateLimitResult, type RateLimitStore } from '../src/stores/rate-limit.js'
+import { routeConfig } from '../src/fastify-internals.js'
 
 /** The ProcessState key of the counters: one store per process, so a reload keeps every count. */
 export const RATE_LIMIT_STATE_KEY = 'rate-limit-store'
@@ -45,6 +46,11 @@ type Check = ReturnType<FastifyRequest['server']['createRateLimit']>
 
 interface Limiter {
   check: Check
+  /** The store's key space of this limit, and its parameters, for the synchronous memory path. */
+  scope: string
+  max: number
+  window: number
+  key: (request: FastifyRequest) => string
   /** Keyed by who the caller is (JWT claim, API key): checked after auth, in preHandler. */
   afterAuth: boolean
   policy: string
@@ -94,9 +100,14 @@ const rateLimit: FastifyPluginAsync = async function rateLimit (fastify) {
   const limiters = new Map<string, Limiter | undefined>()
   const build = (settings: { max: number, window: number, key?: string }, scope: string, name: string): Limiter => {
     const key = settings.key ?? 'ip'
-    const check = fastify.createRateLimit({ max: settings.max, timeWindow: settings.window, keyGenerator: keyFunction(key), scope } as never)
+    const keyGenerator = keyFunction(key)
+    const check = fastify.createRateLimit({ max: settings.max, timeWindow: settings.window, keyGenerator, scope } as never)
     return {
       check,
+      scope,
+      max: settings.max,
+      window: settings.window,
+      key: keyGenerator,
       afterAuth: key === 'apikey' || key.startsWith('jwt:'),
       policy: `"${name}";q=${settings.max};w=${Math.max(1, Math.round(settings.window / 1000))}`,
       name
@@ -109,30 +120,49 @@ const rateLimit: FastifyPluginAsync = async function rateLimit (fastify) {
   }
   const limiterOf = (route: RouteDefinition | undefined): Limiter | undefined => route === undefined ? global : limiters.get(route.name)
 
-  async function enforce (limiter: Limiter, request: FastifyRequest, reply: FastifyReply): Promise<void> {
-    const r = await limiter.check(request)
-    if (r.isAllowed) return
-    const seconds = Math.max(1, r.ttlInSeconds)
+  /**
+   * The verdict on the reply: the RateLimit fields always, and the 429 error when refused.
+   * `remaining` is what is left after this request; `ms` until the quota is full again, or when
+   * refused, until the next request would be admitted.
+   */
+  function verdict (limiter: Limiter, request: FastifyRequest, reply: FastifyReply, allowed: boolean, remaining: number, ms: number): Error | undefined {
+    const seconds = Math.max(1, Math.ceil(ms / 1000))
     reply.header('ratelimit-policy', limiter.policy)
-    reply.header('ratelimit', `"${limiter.name}";r=${r.remaining};t=${r.isExceeded ? seconds : Math.ceil(r.ttl / 1000)}`)
-    if (r.isExceeded) {
-      metrics.rateLimited.inc({ route: request.routeOptions.config.gatehouse?.name ?? NO_ROUTE })
-      reply.header('retry-after', String(seconds))
-      throw new GATEHOUSE_RATE_LIMITED(String(seconds))
+    reply.header('ratelimit', `"${limiter.name}";r=${remaining};t=${allowed ? Math.ceil(ms / 1000) : seconds}`)
+    if (allowed) return undefined
+    metrics.rateLimited.inc({ route: routeConfig(request).gatehouse?.name ?? NO_ROUTE })
+    reply.header('retry-after', String(seconds))
+    return new GATEHOUSE_RATE_LIMITED(String(seconds))
+  }
+
+  // The in-memory store answers at once: its verdict is given in the hook itself, with no
+  // promise. @fastify/rate-limit's limiter (createRateLimit, async) runs the Redis store, whose
+  // round trip dwarfs the promises.
+  const memory = store instanceof MemoryRateLimitStore ? store : undefined
+
+  function enforce (limiter: Limiter, request: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void): void {
+    if (memory !== undefined) {
+      const r = memory.consumeSync(`${limiter.scope}:${limiter.key(request)}`, limiter.max, limiter.window)
+      done(verdict(limiter, request, reply, r.allowed, r.remaining, r.allowed ? r.resetMs : r.retryAfterMs))
+      return
     }
+    limiter.check(request).then((r) => {
+      if (r.isAllowed) return done()
+      done(verdict(limiter, request, reply, !r.isExceeded, r.remaining, r.ttl))
+    }, done)
   }
 
   if (global === undefined && [...limiters.values()].every((l) => l === undefined)) return
 
   fastify.addHook('onRequest', function limitByAddress (request, reply, done) {
-    const limiter = limiterOf(request.routeOptions.config.gatehouse)
+    const limiter = limiterOf(routeConfig(request).gatehouse)
     if (limiter === undefined || limiter.afterAuth) return done()
-    enforce(limiter, request, reply).then(() => done(), done)
+    enforce(limiter, request, reply, done)
   })
   fastify.addHook('preHandler', function limitByConsumer (request, reply, done) {
-    const limiter = limiterOf(request.routeOptions.config.gatehouse)
+    const limiter = limiterOf(routeConfig(request).gatehouse)
     if (limiter === undefined || !limiter.afterAuth) return done()
-    enforce(limiter, request, reply).then(() => done(), done)
+    enforce(limiter, request, reply, done)
   })
 }
 
