@@ -146,8 +146,10 @@ const accessLog: FastifyPluginAsync<AccessLogOptions> = async function accessLog
     done(null, payload.pipe(counter))
   })
 
+  // A streamed body is counted as it is written, Content-Length or not: compression (a route
+  // hook, after this one) may still change what is sent.
   fastify.addHook('onSend', function countBodyOut (_request, reply, payload, done) {
-    if (isStream(payload) && reply.getHeader('content-length') === undefined) {
+    if (isStream(payload)) {
       const count: Count = { n: 0 }
       ;(reply as CountedReply)[kBytesOut] = count
       countWrites(reply.raw, count)
@@ -168,7 +170,7 @@ const accessLog: FastifyPluginAsync<AccessLogOptions> = async function accessLog
     if (request.method === 'HEAD' || status === 204 || status === 304) bytesOut = 0
     else {
       const length = reply.getHeader('content-length')
-      bytesOut = length !== undefined && ended ? Number(length) : counted[kBytesOut]?.n ?? up?.bytesOut ?? (ended ? 0 : null)
+      bytesOut = counted[kBytesOut]?.n ?? (length !== undefined && ended ? Number(length) : up?.bytesOut ?? (ended ? 0 : null))
     }
     const cache = reply.getHeader('x-cache')
     request.log.info({

@@ -173,6 +173,9 @@ test('bytes in and out are the body bytes, counted when there is no Content-Leng
         res.write(Buffer.alloc(2000, 1))
         res.write(Buffer.alloc(2000, 2))
         res.end(Buffer.alloc(1000, 3))
+      } else if (req.url?.startsWith('/big') === true) {
+        res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '5000' })
+        res.end('a'.repeat(5000))
       } else {
         res.writeHead(200, { 'content-type': 'text/plain', 'content-length': '5' })
         res.end(req.method === 'HEAD' ? undefined : 'hello')
@@ -195,6 +198,11 @@ test('bytes in and out are the body bytes, counted when there is no Content-Leng
   const head = await send(`${url}/al-bytes/fixed`, { method: 'HEAD' })
   const lh = await log.line(head.id)
   assert.deepEqual([lh.method, lh.bytesIn, lh.bytesOut], ['HEAD', 0, 0])
+
+  // Compressed on the way out: the bytes the client got, not the upstream's Content-Length.
+  const gz = await send(`${url}/al-bytes/big`, { headers: { 'accept-encoding': 'gzip' } })
+  assert.ok(gz.body.length > 0 && gz.body.length < 5000, `compressed to ${gz.body.length} bytes`)
+  assert.equal((await log.line(gz.id)).bytesOut, gz.body.length)
 })
 
 test('the cache result comes from X-Cache', async (t) => {
