@@ -18,12 +18,16 @@ function recorder (): { logger: pino.Logger, raw: string[], line: (reqId: string
   const waiting = new Map<string, (line: Line) => void>()
   const seen = new Map<string, Line>()
   const stream = {
+    // A destination gets bytes, not lines: access lines come in batches.
     write (chunk: string) {
-      raw.push(chunk)
-      const line = JSON.parse(chunk) as Line
-      if (line.msg !== 'request' || typeof line.reqId !== 'string') return
-      seen.set(line.reqId, line)
-      waiting.get(line.reqId)?.(line)
+      for (const text of chunk.split('\n')) {
+        if (text === '') continue
+        raw.push(text)
+        const line = JSON.parse(text) as Line
+        if (line.msg !== 'request' || typeof line.reqId !== 'string') continue
+        seen.set(line.reqId, line)
+        waiting.get(line.reqId)?.(line)
+      }
     }
   }
   const logger = pino({ level: 'info' }, stream)
