@@ -40,6 +40,8 @@ function rawHeader (raw: Buffer[], name: string): string | undefined {
   return undefined
 }
 
+const ONLY_OPTION = /^\s*(?:keep-alive|close)\s*$/i
+
 /** Removes from a flat header list the fields a Connection header names (RFC 9110 §7.6.1). */
 function dropListed (out: HeaderValue[], names: string[], connection: string): void {
   const listed = connection.toLowerCase().split(',').map((t) => t.trim())
@@ -582,7 +584,8 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
         names.push(lower)
         out.push(name, raw[i + 1].toString('latin1'))
       }
-      if (connection !== undefined) dropListed(out, names, connection)
+      // `Connection: keep-alive` (or close) names no other field: nothing more to drop.
+      if (connection !== undefined && !ONLY_OPTION.test(connection)) dropListed(out, names, connection)
       for (const name in preset) {
         const value = preset[name]
         if (value !== undefined && (name === 'set-cookie' || !names.includes(name)) && !responseSetNames.has(name)) {
