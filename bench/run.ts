@@ -26,7 +26,7 @@ const USAGE = `Usage: npm run bench -- [options]
   --list            list the scenarios and exit
   --duration S      seconds per closed-loop round (default 3)
   --rounds N        interleaved rounds (default 5)
-  --warmup S        seconds of warm-up per scenario (default 1)
+  --warmup S        seconds of warm-up per scenario (default 3)
   --connections N   concurrent connections (default 50)
   --rate N          fixed-rate run at N req/s for the latency column; keep it below every
                     scenario's capacity (open loop: above it, queues grow); 0 skips it (default 1000)
@@ -215,7 +215,7 @@ function parseOptions (): Options {
     only,
     duration: num(values.duration, 3, 'duration'),
     rounds: Math.max(1, num(values.rounds, 5, 'rounds')),
-    warmup: num(values.warmup, 1, 'warmup'),
+    warmup: num(values.warmup, 3, 'warmup'),
     connections: Math.max(1, num(values.connections, 50, 'connections')),
     rate: num(values.rate, 1000, 'rate'),
     rateDuration: num(values['rate-duration'], 4, 'rate-duration'),
