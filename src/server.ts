@@ -192,16 +192,16 @@ export class GatewayServer {
     const limits = this.config.limits
     const active = this.active
     // One shared listener per response (its `this` is the response), not a closure per request.
+    // A plain listener (once() wraps each in a new closure); released once however often 'close' comes.
     const onClose = function (this: TrackedResponse): void {
-      active.delete(this)
-      this[kVersion].release()
+      if (active.delete(this)) this[kVersion].release()
     }
     const onRequest = (req: IncomingMessage, res: ServerResponse): void => {
       const v = this.current
       v.inflight++
       ;(res as TrackedResponse)[kVersion] = v
       active.add(res)
-      res.once('close', onClose)
+      res.on('close', onClose)
       if (this.closing) res.shouldKeepAlive = false
       v.handler(req, res)
     }
