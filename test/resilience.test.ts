@@ -368,3 +368,21 @@ test('failing over a refused connection does not spend the retry budget: a dead 
   assert.deepEqual(statuses.filter((s) => s !== 200), [], 'every request failed over to the live target')
   assert.equal(good.received.length, 30)
 })
+
+test('the reply-from way (a client that takes gzip) retries and fails over like the direct way', async (t) => {
+  const trio = await Promise.all([0, 1, 2].map(async () => await startUpstream(t, (_req, res) => { res.writeHead(503); res.end('busy') })))
+  const good = await startUpstream(t, ok)
+  const dead = await freePort()
+  const gw = await startGateway(t, {
+    routes: {
+      trio: { match: { prefix: '/trio' }, upstream: { targets: trio.map((u) => ({ url: u.url })), retries: { attempts: 2 } } },
+      fo: { match: { prefix: '/fo' }, upstream: { targets: [{ url: `http://127.0.0.1:${dead}` }, { url: good.url }], retries: { attempts: 1 } } }
+    }
+  })
+  const gzip = { headers: { 'accept-encoding': 'gzip' } }
+  const three = await get(`${gw.url}/trio/x`, gzip)
+  assert.equal(three.status, 503)
+  assert.deepEqual(trio.map((u) => u.received.length), [1, 1, 1], '1 + 2 retries, each on another target')
+  for (let i = 0; i < 4; i++) assert.equal((await get(`${gw.url}/fo/x`, gzip)).status, 200)
+  assert.equal(good.received.length, 4)
+})
