@@ -4,6 +4,7 @@ import fp from 'fastify-plugin'
 import type { FastifyBaseLogger, FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import pino from 'pino'
 import { routeConfig } from '../src/fastify-internals.js'
+import { isStream } from '../src/streams.js'
 
 export interface AccessLogOptions {
   enabled: boolean
@@ -89,10 +90,6 @@ function countWrites (res: ServerResponse, count: Count): void {
     if (typeof chunk !== 'function') count.n += chunkLength(chunk, rest[0])
     return (end as (...args: unknown[]) => ServerResponse).call(this, chunk, ...rest)
   } as ServerResponse['end']
-}
-
-function isStream (payload: unknown): boolean {
-  return payload !== null && typeof payload === 'object' && typeof (payload as { pipe?: unknown }).pipe === 'function'
 }
 
 /** request.ip reads the socket, which may be gone (a client that left, a body undici sent). */

@@ -18,6 +18,7 @@ import {
   PRIVATE_TARGETED_FIELDS, canStore, freshnessLifetime, initialAge, mergeHeaders, notModified,
   parseCacheControl, responseDirectives, seconds, variantKey, varyNames, type Directives
 } from '../src/cache/policy.js'
+import { isStream } from '../src/streams.js'
 
 /*
  * The gateway's shared HTTP cache (RFC 9111) for routes with `cache.enabled`. A lookup in
@@ -428,7 +429,7 @@ const cache: FastifyPluginAsync = async function cache (fastify: FastifyInstance
       ctx.release?.()
       return payload
     }
-    if (typeof (payload as Readable).pipe !== 'function') {
+    if (!isStream(payload)) {
       ctx.release?.()
       return payload
     }

@@ -15,6 +15,7 @@ import * as errors from './errors.js'
 import { isWebSocketUpgrade, proxyWebSocket } from './websocket.js'
 import { SECURITY_DEFAULTS, HSTS } from '../plugins/security-headers.js'
 import { replyHeaders, type HeaderValue } from './fastify-internals.js'
+import { isStream } from './streams.js'
 
 /**
  * Request headers that concern one connection only (RFC 9110 §7.6.1), never forwarded. Expect too:
@@ -776,7 +777,7 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
         return
       }
       if (direct && !(route.compress && wantsEncoding(request.headers['accept-encoding']))) {
-        const body = state.body ?? (isReadable(request.body) ? request.body : null)
+        const body = state.body ?? (isStream(request.body) ? request.body : null)
         const opts: ExchangeOptions = { path: state.path, method: request.method, headers: directHeaders(request, state.target), body }
         new Direct(request, reply, state, opts).attempt(state.target)
         return
@@ -810,10 +811,6 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
 
 function abortError (message: string, code: string): Error {
   return Object.assign(new Error(message), { code })
-}
-
-function isReadable (body: unknown): body is Readable {
-  return typeof (body as Readable | undefined)?.pipe === 'function'
 }
 
 async function readAll (stream: Readable): Promise<Buffer> {
