@@ -677,9 +677,7 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     } else {
       h = { ...src }
       const connection = h.connection
-      if (typeof connection === 'string' && connection.includes(',')) {
-        for (const name of connection.split(',')) delete h[name.trim().toLowerCase()]
-      } else if (typeof connection === 'string') delete h[connection.trim().toLowerCase()]
+      if (typeof connection === 'string') for (const name of connection.split(',')) delete h[name.trim().toLowerCase()]
     }
     h.host = target.host
     return forwardingHeaders(request, h)
