@@ -29,6 +29,15 @@ test('security headers on proxied and gateway-made responses; Server and X-Power
   const framed = await request(`${gw.url}/svc/framed`)
   await framed.body.dump()
   assert.equal(framed.headers['x-frame-options'], 'SAMEORIGIN')
+  // The same on the reply-from way (taken for a client that accepts a compressed encoding).
+  for (const path of ['/svc/page', '/svc/framed']) {
+    const viaReply = await request(`${gw.url}${path}`, { headers: { 'accept-encoding': 'gzip' } })
+    await viaReply.body.dump()
+    assert.equal(viaReply.headers.server, undefined)
+    assert.equal(viaReply.headers['x-powered-by'], undefined)
+    assert.equal(viaReply.headers['x-content-type-options'], 'nosniff')
+    assert.equal(viaReply.headers['x-frame-options'], path === '/svc/framed' ? 'SAMEORIGIN' : 'DENY')
+  }
   // Problem documents the gateway makes carry them too.
   const missing = await request(`${gw.url}/nope`)
   await missing.body.dump()
