@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin'
 import type { FastifyError, FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
 import * as errors from '../src/errors.js'
+import { setSecurityHeaders } from './security-headers.js'
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -61,6 +62,7 @@ export function sendProblem (request: FastifyRequest, reply: FastifyReply, err: 
  */
 export function frameworkErrors (err: FastifyError, request: FastifyRequest, reply: FastifyReply): void {
   reply.header('x-request-id', request.id)
+  setSecurityHeaders(request, reply)
   sendProblem(request, reply, err)
 }
 

@@ -115,6 +115,8 @@ const gateway: FastifyPluginAsync<GatewayOptions> = async function gateway (fast
     if (method !== 'CONNECT' && !fastify.supportedMethods.includes(method)) fastify.addHttpMethod(method, { hasBody: true })
   }
   await fastify.register(problem)
+  // First among the onRequest hooks: a refusal by any later one carries the headers too.
+  await fastify.register(securityHeaders)
   await fastify.register(requestGuard)
   await fastify.register(requestId)
   await fastify.register(tracing)
@@ -125,7 +127,6 @@ const gateway: FastifyPluginAsync<GatewayOptions> = async function gateway (fast
   await fastify.register(cors)
   await fastify.register(cache)
   await fastify.register(compress)
-  await fastify.register(securityHeaders)
   await fastify.register(metricsPlugin, { onMainListener: config.metrics.onMainListener })
   await fastify.register(accessLog, { enabled: config.logging.accessLog, apiKeyHeader: config.apiKeys?.header })
 

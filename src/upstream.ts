@@ -13,7 +13,6 @@ import type { Admission } from './balancer/breaker.js'
 import { metrics } from './metrics.js'
 import * as errors from './errors.js'
 import { isWebSocketUpgrade, proxyWebSocket } from './websocket.js'
-import { SECURITY_DEFAULTS, HSTS } from '../plugins/security-headers.js'
 import { replyHeaders, type HeaderValue } from './fastify-internals.js'
 import { isStream } from './streams.js'
 
@@ -298,7 +297,6 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
   // Names the route sets or removes on responses: an upstream's own value of them is not passed on.
   const responseSetNames = new Set(responseSet.map(([k]) => k))
   const responseNames = responseRemove.length + responseSet.length > 0 ? new Set([...responseRemove, ...responseSetNames]) : undefined
-  const security = ctx.gateway.securityHeaders
   // Responses on a cached route go through Fastify's onSend (the cache tees them there), and so do
   // those of a route whose own plugin may add onSend hooks: reply-from.
   const direct = route.cache?.enabled !== true && route.plugin === undefined
@@ -595,13 +593,6 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
         }
       }
       for (let i = 0; i < responseSet.length; i++) out.push(responseSet[i][0], responseSet[i][1])
-      if (security) {
-        for (let i = 0; i < SECURITY_DEFAULTS.length; i++) {
-          const [name, value] = SECURITY_DEFAULTS[i]
-          if (!names.includes(name) && !responseSetNames.has(name)) out.push(name, value)
-        }
-        if (!names.includes('strict-transport-security') && !responseSetNames.has('strict-transport-security') && this.request.protocol === 'https') out.push('strict-transport-security', HSTS)
-      }
       const req = this.request.raw
       // The client is still sending its body: the connection cannot be reused (reply-from does the same).
       if (req.httpVersionMajor === 1 && !req.complete) out.push('connection', 'close')

@@ -43,6 +43,13 @@ test('security headers on proxied and gateway-made responses; Server and X-Power
   await missing.body.dump()
   assert.equal(missing.statusCode, 404)
   assert.equal(missing.headers['x-content-type-options'], 'nosniff')
+  // So do refusals by the first hooks (an encoded slash) and by the router itself (a path that does not decode).
+  for (const [path, status] of [['/svc/a%2fb', 400], ['/%FF', 400]] as const) {
+    const refused = await request(`${gw.url}${path}`)
+    await refused.body.dump()
+    assert.equal(refused.statusCode, status, path)
+    assert.equal(refused.headers['x-frame-options'], 'DENY', path)
+  }
 })
 
 test('securityHeaders: false adds none, but upstream Server headers are still removed', async (t) => {
