@@ -8,11 +8,11 @@ type LogFn = (...args: unknown[]) => void
  * The request logger Fastify hands each request (its childLoggerFactory), made only when used.
  *
  * Fastify makes a pino child per request to bind the request id; pino serialises the bindings
- * when the child is made, used or not. A gateway logs nothing per request but the access line
- * (and errors), so most children were made for nothing: ~1.5 % of the plain route's CPU
- * (profile, 2026-11-23). This one keeps the bindings and writes an object line through the root
- * logger with them merged in, which prints the same fields; anything else (a message only, an
- * Error, child(), a level change) makes the real child then and goes through it.
+ * when the child is made, used or not. A gateway logs nothing per request through it (the access
+ * line is written by plugins/access-log.ts), only errors, so most children were made for nothing:
+ * ~1.5 % of the plain route's CPU (profile, 2026-11-23). This one keeps the bindings and makes the
+ * real child the first time a line at an enabled level is written (or child() or a level change
+ * asks for it).
  */
 export class RequestLogger {
   private readonly root: Logger
@@ -30,13 +30,7 @@ export class RequestLogger {
   }
 
   private write (level: Level, args: unknown[]): void {
-    if (!this.root.isLevelEnabled(level)) return
-    const first = args[0]
-    if (this.real === undefined && typeof first === 'object' && first !== null && !(first instanceof Error)) {
-      // Object.assign, not a spread: spreading a dozen fields into a literal cost 20 µs a line (V8 12).
-      (this.root[level] as LogFn)(Object.assign({}, this.own, first), ...args.slice(1))
-      return
-    }
+    if (!(this.real ?? this.root).isLevelEnabled(level)) return
     (this.materialize()[level] as LogFn)(...args)
   }
 

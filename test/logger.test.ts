@@ -16,7 +16,7 @@ const strip = (line: Record<string, unknown>): Record<string, unknown> => {
   return rest
 }
 
-test('a lazy request logger writes the same fields as a pino child, and makes no child until it must', () => {
+test('a lazy request logger writes the same fields as a pino child, and makes no child until a line is written', () => {
   const cases: Array<(log: { info: (...a: unknown[]) => void, error: (...a: unknown[]) => void, setBindings: (b: Record<string, string>) => void }) => void> = [
     (log) => { log.setBindings({ traceId: 'abc' }); log.info({ msg: 'request', status: 200, req: { headers: { authorization: 'Bearer secret' } } }) },
     (log) => { log.info({ status: 201 }, 'done %s', 'now') },
@@ -45,13 +45,14 @@ test('a lazy request logger writes the same fields as a pino child, and makes no
   const d = capture()
   const lazy = new RequestLogger(d.logger, { reqId: 'r-3' })
   const made = (): boolean => (lazy as unknown as { real?: unknown }).real !== undefined
+  lazy.setBindings({ traceId: 't-3' })
   lazy.debug({ x: 1 })
-  lazy.info({ y: 1 })
   assert.equal(made(), false)
-  assert.equal(d.lines.length, 1)
-  assert.equal(d.lines[0].reqId, 'r-3')
-  lazy.child({ sub: 1 }).info('from a child')
+  assert.equal(d.lines.length, 0)
+  lazy.info({ y: 1 })
   assert.equal(made(), true)
+  assert.deepEqual([d.lines[0].reqId, d.lines[0].traceId, d.lines[0].y], ['r-3', 't-3', 1])
+  lazy.child({ sub: 1 }).info('from a child')
   assert.equal(d.lines[1].reqId, 'r-3')
   assert.equal(d.lines[1].sub, 1)
   // A route with its own level gets a real child at once.
