@@ -35,6 +35,9 @@ function packageOf (url: string, root: string): string {
 }
 
 /** `skipMs`: samples of the first milliseconds (start-up: module loading, building routes) are left out. */
+/** A gap between two samples longer than this (µs; they are ~1 ms apart) is a stopped process. */
+const PARKED_US = 100_000
+
 export function summarizeProfile (file: string, root: string, top = 25, skipMs = 0): { functions: ProfileRow[], packages: ProfileRow[], idlePercent: number } {
   const profile = JSON.parse(readFileSync(file, 'utf8')) as Profile
   const byId = new Map(profile.nodes.map((n) => [n.id, n]))
@@ -44,6 +47,9 @@ export function summarizeProfile (file: string, root: string, top = 25, skipMs =
     const delta = profile.timeDeltas[i] ?? 0
     at += delta
     if (at < skipMs * 1000) continue
+    // The bench parks (SIGSTOPs) every proxy but the measured one: the first sample after a
+    // park carries the whole stopped time, which would be charged to whatever ran last.
+    if (delta > PARKED_US) continue
     const id = profile.samples[i]
     self.set(id, (self.get(id) ?? 0) + delta)
   }

@@ -17,15 +17,16 @@ import { summarizeProfile } from './profile.js'
  * `npm run bench`: the upstream, the reply-from baseline, one gateway per scenario and the load
  * generator each run as their own process; the gateways (and the baseline) are pinned to one
  * core, the upstream and the load generator to the other, as nginx comparisons are taken here.
- * Scenarios are measured in interleaved rounds (A B C A B C ...) so that background noise hits
- * them alike; the table shows the median round. Options: see USAGE.
+ * Scenarios are measured in interleaved rounds, every other one in reverse order (A B C C B A
+ * A B C ...), so that background noise hits them alike and no scenario always follows the same
+ * one; the table shows the median round. Options: see USAGE.
  */
 
 const USAGE = `Usage: npm run bench -- [options]
   --only a,b        run only these scenarios (see --list); direct and plain are added for the ratios
   --list            list the scenarios and exit
-  --duration S      seconds per closed-loop round (default 3)
-  --rounds N        interleaved rounds (default 5)
+  --duration S      seconds per closed-loop round (default 2)
+  --rounds N        interleaved rounds, alternately forward and reversed (default 8)
   --warmup S        seconds of warm-up per scenario (default 3)
   --connections N   concurrent connections (default 50)
   --rate N          fixed-rate run at N req/s for the latency column; keep it below every
@@ -213,8 +214,8 @@ function parseOptions (): Options {
   }
   return {
     only,
-    duration: num(values.duration, 3, 'duration'),
-    rounds: Math.max(1, num(values.rounds, 5, 'rounds')),
+    duration: num(values.duration, 2, 'duration'),
+    rounds: Math.max(1, num(values.rounds, 8, 'rounds')),
     warmup: num(values.warmup, 3, 'warmup'),
     connections: Math.max(1, num(values.connections, 50, 'connections')),
     rate: num(values.rate, 1000, 'rate'),
@@ -496,7 +497,7 @@ function markdown (runs: Running[], opts: Options, taken: Date, mach: Record<str
     '# Gatehouse benchmark',
     '',
     `Taken ${taken.toISOString().slice(0, 16).replace('T', ' ')} UTC on ${String(mach.cpus)} × ${String(mach.cpuModel)}, Node ${String(mach.node)}, ${String(mach.platform)}; ${String(mach.pinned)}; load average at start ${(mach.loadAverage as number[]).join(' ')}.`,
-    `Closed loop: autocannon, ${opts.connections} connections, ${opts.rounds} interleaved round(s) of ${opts.duration} s per scenario, median round shown; the × columns are medians of the per-round ratios.` +
+    `Closed loop: autocannon, ${opts.connections} connections, ${opts.rounds} interleaved round(s) of ${opts.duration} s per scenario (every other round in reverse order), median round shown; the × columns are medians of the per-round ratios.` +
       (opts.rate > 0 ? ` Fixed rate: ${opts.rate} req/s for ${opts.rateDuration} s, open loop, evenly paced, ${opts.connections} keep-alive connections.` : '') +
       ' Upstream: node:http, ~1 KiB JSON, keep-alive. HTTP/2 load: a node:http2 client (autocannon has no h2).' +
       ' CPU µs/req: CPU time of the proxy process per request during the closed-loop rounds (less sensitive to a busy machine than req/s).',
@@ -653,8 +654,11 @@ async function main (): Promise<void> {
         park(r, false)
       }
     }
+    // On this shared VM the neighbours' load changes within seconds: short rounds, many of them,
+    // and the order reversed every other round (each pair of scenarios is measured side by side
+    // both ways round) made the paired ratios steadier than five rounds of 3 s in one order.
     for (let round = 1; round <= opts.rounds; round++) {
-      for (const r of active) {
+      for (const r of round % 2 === 1 ? active : [...active].reverse()) {
         park(r, true)
         const cpuBefore = cpuMicros(r.process?.pid)
         const result = await bench.load({ ...base, url: r.url, headers: r.scenario.headers, duration: opts.duration, rate: 0, h2: r.scenario.protocol === 'h2' })
