@@ -114,7 +114,8 @@ interface ExchangeOptions {
   origin?: string
   path: string
   method: string
-  headers: IncomingHttpHeaders
+  /** An object on the reply-from way; on the direct way a flat [name, value, ...] list, host first when the gateway sets it. */
+  headers: IncomingHttpHeaders | string[]
   body?: Dispatcher.DispatchOptions['body']
 }
 
@@ -397,7 +398,11 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     state.target = target
     ex.tried.add(target)
     ex.opts.origin = target.origin
-    if (previous !== undefined && previous !== target && ex.opts.headers.host === previous.host) ex.opts.headers.host = target.host
+    if (previous === undefined || previous === target) return
+    const headers = ex.opts.headers
+    if (Array.isArray(headers)) {
+      if (headers[0] === 'host' && headers[1] === previous.host) headers[1] = target.host
+    } else if (headers.host === previous.host) headers.host = target.host
   }
 
   // The reply-from way (routes whose responses go through Fastify's onSend: cache, compression).
@@ -554,7 +559,8 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
       this.opts = opts
       this.deadline = performance.now() + deadlineMs
       ;(this.res as DirectResponse)[kDirect] = this
-      this.res.once('close', directClosed)
+      // 'close' comes once; on() adds the shared listener, once() would wrap it in a closure.
+      this.res.on('close', directClosed)
     }
 
     attempt (target: Target): void {
@@ -658,20 +664,49 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     return h
   }
 
-  /** The client's headers for the direct way: what reply-from copies (no pseudo-headers, nothing Connection names), then forwardingHeaders. */
-  function directHeaders (request: FastifyRequest, target: Target): IncomingHttpHeaders {
+  // The direct way's request headers in one pass over the client's: names never copied (hop by hop,
+  // set by the gateway, removed by the route) are looked up in one set per route.
+  const setNames = new Set(requestSet.map(([k]) => k))
+  const removed = new Set(requestRemove)
+  const own = (name: string): boolean => !setNames.has(name) && !removed.has(name)
+  const NOT_COPIED = new Set([...HOP_BY_HOP_REQUEST, ...requestRemove, ...setNames, 'host', 'x-forwarded-for', 'x-forwarded-proto', 'x-forwarded-host', 'x-request-id'])
+  const UNTRUSTED = new Set(UNTRUSTED_FORWARDING)
+  const sets = { host: own('host'), xff: own('x-forwarded-for'), proto: own('x-forwarded-proto'), fwdHost: own('x-forwarded-host'), id: own('x-request-id') }
+  const flatSet = requestSet.flatMap(([k, v]) => [k, v])
+
+  /**
+   * The request headers of the direct way, as a flat list: what forwardingHeaders gives the
+   * reply-from way (no pseudo-headers, nothing hop by hop or named by Connection, the forwarding
+   * headers, the route's edits), built without copying and editing an object.
+   */
+  function directHeaders (request: FastifyRequest, target: Target): string[] {
     const src = request.headers
-    let h: IncomingHttpHeaders
-    if (request.raw.httpVersionMajor === 2) {
-      h = {}
-      for (const name in src) if (name.charCodeAt(0) !== 58) h[name] = src[name]
-    } else {
-      h = { ...src }
-      const connection = h.connection
-      if (typeof connection === 'string') for (const name of connection.split(',')) delete h[name.trim().toLowerCase()]
+    const peer = request.raw.socket.remoteAddress ?? ''
+    const trustedPeer = ctx.trusted(peer)
+    const connection = src.connection
+    const listed = typeof connection === 'string' && !ONLY_OPTION.test(connection) ? connection.toLowerCase().split(',').map((t) => t.trim()) : undefined
+    const out: string[] = []
+    if (sets.host) {
+      // An HTTP/2 client sends :authority instead of Host.
+      const host = route.preserveHost ? src.host ?? (src[':authority'] as string | undefined) : target.host
+      if (host !== undefined) out.push('host', host)
     }
-    h.host = target.host
-    return forwardingHeaders(request, h)
+    for (const name in src) {
+      if (NOT_COPIED.has(name) || name.charCodeAt(0) === 58 || (!trustedPeer && UNTRUSTED.has(name)) || (listed !== undefined && listed.includes(name))) continue
+      const value = src[name]
+      if (typeof value === 'string') out.push(name, value)
+      else if (value !== undefined) for (const v of value) out.push(name, v)
+    }
+    // X-Forwarded-For from a trusted proxy is extended; anyone else's is replaced (forwardingHeaders).
+    if (sets.xff) {
+      const xff = src['x-forwarded-for']
+      out.push('x-forwarded-for', xff !== undefined && trustedPeer ? `${String(xff)}, ${peer}` : peer)
+    }
+    if (sets.proto) out.push('x-forwarded-proto', request.protocol)
+    if (sets.fwdHost) out.push('x-forwarded-host', request.host)
+    if (sets.id) out.push('x-request-id', request.id)
+    for (let i = 0; i < flatSet.length; i++) out.push(flatSet[i])
+    return out
   }
 
   function rewriteHeaders (headers: IncomingHttpHeaders): IncomingHttpHeaders {
