@@ -1,4 +1,3 @@
-import { Transform, type TransformCallback } from 'node:stream'
 import type { ServerResponse } from 'node:http'
 import fp from 'fastify-plugin'
 import type { FastifyBaseLogger, FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
@@ -49,7 +48,6 @@ export function redactPath (url: string, extra?: RegExp): string {
   return out.length > MAX_PATH ? out.slice(0, MAX_PATH) + '...' : out
 }
 
-const kBytesIn = Symbol('gatehouse.accessLog.bytesIn')
 const kBytesOut = Symbol('gatehouse.accessLog.bytesOut')
 const kIp = Symbol('gatehouse.accessLog.ip')
 
@@ -61,16 +59,7 @@ export const CLIENT_CLOSED = 499
 
 interface Count { n: number }
 type LoggedResponse = ServerResponse & { [kReplyOf]?: FastifyReply }
-type CountedReply = FastifyReply & { [kBytesIn]?: Count, [kBytesOut]?: Count, [kIp]?: string, [kLogged]?: boolean }
-
-/** Counts a chunked request body as the route's parser reads it. */
-class CountIn extends Transform {
-  constructor (private readonly count: Count) { super() }
-  override _transform (chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
-    this.count.n += chunk.length
-    cb(null, chunk)
-  }
-}
+type CountedReply = FastifyReply & { [kBytesOut]?: Count, [kIp]?: string, [kLogged]?: boolean }
 
 function chunkLength (chunk: unknown, encoding: unknown): number {
   if (typeof chunk === 'string') return Buffer.byteLength(chunk, typeof encoding === 'string' ? encoding as BufferEncoding : 'utf8')
@@ -197,25 +186,17 @@ const accessLog: FastifyPluginAsync<AccessLogOptions> = async function accessLog
     if (reply !== undefined && !this.writableEnded) logRequest(reply.request, reply)
   }
 
-  fastify.addHook('preParsing', function countBodyIn (request, reply, payload, done) {
+  // An onRequest hook (not preParsing, which a plain route then does not need at all). A declared
+  // body length is exact (Node enforces it); a chunked body is counted by the route's body limit.
+  fastify.addHook('onRequest', function watchResponse (request, reply, done) {
     const res = reply.raw as LoggedResponse
     res[kReplyOf] = reply
     res.on('close', onClose)
-    const headers = request.headers
-    if (headers['content-length'] === undefined && headers['transfer-encoding'] === undefined) return done(null, payload)
     // undici sets `socket = null` on an IncomingMessage it was given as a body once it is sent
     // (undici util.destroy), and request.ip reads the socket: take the address while it is there.
-    ;(reply as CountedReply)[kIp] = request.ip
-    // A declared length is exact (Node enforces it); only a chunked body needs counting.
-    if (headers['transfer-encoding'] === undefined) return done(null, payload)
-    const count: Count = { n: 0 }
-    ;(reply as CountedReply)[kBytesIn] = count
-    const counter = new CountIn(count)
-    payload.on('error', (err) => counter.destroy(err))
-    // A malformed chunked body errors the stream before anything reads it: without a listener
-    // that error would crash the process. Whoever consumes the body still sees it.
-    counter.on('error', () => {})
-    done(null, payload.pipe(counter))
+    const headers = request.headers
+    if (headers['content-length'] !== undefined || headers['transfer-encoding'] !== undefined) (reply as CountedReply)[kIp] = request.ip
+    done()
   })
 
   // A streamed body is counted as it is written, Content-Length or not: compression (a route
@@ -255,7 +236,7 @@ const accessLog: FastifyPluginAsync<AccessLogOptions> = async function accessLog
       target: up?.target?.origin ?? null,
       upstreamMs: up?.upstreamMs !== undefined ? round(up.upstreamMs) : null,
       durationMs: round(reply.elapsedTime),
-      bytesIn: lengthIn !== undefined ? Number(lengthIn) : counted[kBytesIn]?.n ?? 0,
+      bytesIn: lengthIn !== undefined ? Number(lengthIn) : up?.bodyIn?.bytes ?? 0,
       bytesOut,
       cache: typeof cache === 'string' ? cache : null,
       error: up?.error ?? request.problemCode ?? null

@@ -2,12 +2,11 @@ import { readFileSync } from 'node:fs'
 import { createHash, createPublicKey, timingSafeEqual } from 'node:crypto'
 import fp from 'fastify-plugin'
 import jwtPlugin from '@fastify/jwt'
-import type { FastifyPluginAsync, FastifyReply, FastifyRequest } from 'fastify'
+import type { FastifyPluginAsync, FastifyReply, FastifyRequest, preParsingHookHandler } from 'fastify'
 import type { GatewayConfig, RouteDefinition } from '../src/config.js'
 import { GATEHOUSE_FORBIDDEN, GATEHOUSE_UNAUTHORIZED } from '../src/errors.js'
 import { metrics } from '../src/metrics.js'
 import { Jwks, JwksError } from '../src/jwks.js'
-import { routeConfig } from '../src/fastify-internals.js'
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -332,20 +331,31 @@ const auth: FastifyPluginAsync = async function auth (fastify) {
     }
   }
 
-  fastify.addHook('preParsing', function authenticateRequest (request, reply, payload, done) {
+  // Whatever the route, a client never names the consumer itself.
+  fastify.addHook('onRequest', function stripConsumer (request, _reply, done) {
     delete request.headers[CONSUMER_HEADER]
-    const route = routeConfig(request).gatehouse
+    done()
+  })
+
+  // Authentication is a hook of the routes that have a policy only: the others run no
+  // preParsing stage for it at all.
+  fastify.addHook('onRoute', (options) => {
+    const route = options.config?.gatehouse
     const policy = route !== undefined ? policies.get(route.name) : undefined
-    if (policy === undefined) return done(null, payload)
-    for (const h of policy.strip) delete request.headers[h]
-    let pending: Promise<void> | undefined
-    try {
-      pending = authenticate(request, reply, route as RouteDefinition, policy)
-    } catch (err) {
-      return done(err as Error)
+    if (route === undefined || policy === undefined) return
+    const authenticateRequest: preParsingHookHandler = function authenticateRequest (request, reply, payload, done) {
+      for (const h of policy.strip) delete request.headers[h]
+      let pending: Promise<void> | undefined
+      try {
+        pending = authenticate(request, reply, route, policy)
+      } catch (err) {
+        return done(err as Error)
+      }
+      if (pending === undefined) done(null, payload)
+      else pending.then(() => done(null, payload), (err: Error) => done(err))
     }
-    if (pending === undefined) done(null, payload)
-    else pending.then(() => done(null, payload), (err: Error) => done(err))
+    const own = options.preParsing
+    options.preParsing = own === undefined ? [authenticateRequest] : [...(Array.isArray(own) ? own : [own]), authenticateRequest]
   })
 }
 

@@ -46,12 +46,14 @@ const limits: FastifyPluginAsync = async function limits (fastify) {
   // what has arrived: a request whose framing already failed (the server answered 400 and
   // closed) is then never sent upstream. A body that breaks later is cut off mid-stream, so an
   // upstream never receives it complete.
-  fastify.addHook('preParsing', function holdChunked (request, _reply, payload, done) {
-    if (request.headers['transfer-encoding'] === undefined) return done(null, payload)
+  // (An onRequest hook: nothing reads the body before preParsing, and a plain route then has no
+  // preParsing stage at all.)
+  fastify.addHook('onRequest', function holdChunked (request, _reply, done) {
+    if (request.headers['transfer-encoding'] === undefined) return done()
     setImmediate(() => {
       const socket = request.raw.socket
       if (socket.destroyed || socket.writableEnded || request.raw.errored !== null) done(new GATEHOUSE_BAD_REQUEST('The request body is malformed'))
-      else done(null, payload)
+      else done()
     })
   })
   if (maxEventLoopDelay !== undefined) {

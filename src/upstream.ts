@@ -75,6 +75,8 @@ export interface UpstreamState {
   res: ServerResponse
   /** Body bytes written to the client, counted where the gateway writes them itself. */
   bytesOut?: number
+  /** A chunked request body as it is read: its bytes so far. */
+  bodyIn?: { readonly bytes: number }
 }
 
 declare module 'fastify' {
@@ -182,7 +184,8 @@ class AttemptSignal {
 
 /** Counts a streamed request body and fails it past the limit: a pass-through parser skips bodyLimit. */
 class BodyLimit extends Transform {
-  private seen = 0
+  /** Bytes read so far (the access log's bytesIn of a chunked body). */
+  bytes = 0
   private readonly limit: number
 
   constructor (limit: number) {
@@ -191,8 +194,8 @@ class BodyLimit extends Transform {
   }
 
   override _transform (chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
-    this.seen += chunk.length
-    if (this.seen > this.limit) cb(new errors.GATEHOUSE_PAYLOAD_TOO_LARGE(String(this.limit)))
+    this.bytes += chunk.length
+    if (this.bytes > this.limit) cb(new errors.GATEHOUSE_PAYLOAD_TOO_LARGE(String(this.limit)))
     else cb(null, chunk)
   }
 }
@@ -779,6 +782,7 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
 
     const handler = function forward (this: FastifyInstance, request: FastifyRequest, reply: FastifyReply): void {
       const state: UpstreamState = { route: route.name, attempts: 1, res: reply.raw, body: kept.get(request) }
+      if (request.body instanceof BodyLimit) state.bodyIn = request.body
       request.upstream = state
       const now = Date.now()
       pool.budget.request(now)
