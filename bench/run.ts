@@ -27,11 +27,12 @@ const USAGE = `Usage: npm run bench -- [options]
   --list            list the scenarios and exit
   --duration S      seconds per closed-loop round (default 2)
   --rounds N        interleaved rounds, alternately forward and reversed (default 8)
-  --warmup S        seconds of warm-up per scenario (default 3)
+  --warmup S        seconds of warm-up per scenario and replica (default 3)
+  --replicas N      processes per proxied scenario, taking the rounds in turn (default 2)
   --connections N   concurrent connections (default 50)
   --rate N          fixed-rate run at N req/s for the latency column; keep it below every
                     scenario's capacity (open loop: above it, queues grow); 0 skips it (default 1000)
-  --rate-duration S seconds of the fixed-rate run (default 4)
+  --rate-duration S seconds of the fixed-rate run (default 3)
   --no-pin          do not pin processes to cores
   --soak S          instead of the table: one S-second full-load run of one scenario (--only, default all or plain), sampling RSS
   --profile         run the gateways under --cpu-prof and print their top costs
@@ -50,6 +51,7 @@ interface Options {
   duration: number
   rounds: number
   warmup: number
+  replicas: number
   connections: number
   rate: number
   rateDuration: number
@@ -186,6 +188,7 @@ function parseOptions (): Options {
       duration: { type: 'string' },
       rounds: { type: 'string' },
       warmup: { type: 'string' },
+      replicas: { type: 'string' },
       connections: { type: 'string' },
       rate: { type: 'string' },
       'rate-duration': { type: 'string' },
@@ -217,9 +220,10 @@ function parseOptions (): Options {
     duration: num(values.duration, 2, 'duration'),
     rounds: Math.max(1, num(values.rounds, 8, 'rounds')),
     warmup: num(values.warmup, 3, 'warmup'),
+    replicas: Math.max(1, num(values.replicas, 2, 'replicas')),
     connections: Math.max(1, num(values.connections, 50, 'connections')),
     rate: num(values.rate, 1000, 'rate'),
-    rateDuration: num(values['rate-duration'], 4, 'rate-duration'),
+    rateDuration: num(values['rate-duration'], 3, 'rate-duration'),
     pin: values['no-pin'] !== true && os.availableParallelism() >= 2 && spawnSync('taskset', ['-V']).status === 0,
     soak: num(values.soak, 0, 'soak'),
     profile: values.profile === true,
@@ -335,10 +339,20 @@ function rssMiB (pid: number | undefined): number | undefined {
   } catch { return undefined }
 }
 
+interface Replica { url: string, process?: ChildProcess }
+
 interface Running {
   scenario: Scenario
+  /** The first replica's (the soak and the fixed-rate run use it). */
   url: string
   process?: ChildProcess
+  /**
+   * The processes of this scenario, which take the rounds in turn. Two processes of one build
+   * differed by up to 35 % in CPU per request for a whole run here (the 3-target route, same
+   * code as the plain one, came out 1.4× faster than it): rounds spread over replicas keep one
+   * unlucky process from deciding a ratio.
+   */
+  replicas: Replica[]
   skipped?: string
   note?: string
   rounds: LoadResult[]
@@ -408,8 +422,8 @@ class Bench {
     return this.opts.profile ? ['--cpu-prof', '--cpu-prof-dir', join(this.opts.out, 'profiles', name)] : []
   }
 
-  async startGateway (scenario: Scenario, ports: Ports): Promise<{ port: number, child: ChildProcess }> {
-    const dir = join(this.tmp, scenario.name)
+  async startGateway (scenario: Scenario, ports: Ports, replica = 0): Promise<{ port: number, child: ChildProcess }> {
+    const dir = join(this.tmp, `${scenario.name}-${replica}`)
     mkdirSync(join(dir, 'routes'), { recursive: true })
     const { config, routes } = (scenario.gateway as NonNullable<Scenario['gateway']>)(ports)
     const port = await freePort()
@@ -497,7 +511,7 @@ function markdown (runs: Running[], opts: Options, taken: Date, mach: Record<str
     '# Gatehouse benchmark',
     '',
     `Taken ${taken.toISOString().slice(0, 16).replace('T', ' ')} UTC on ${String(mach.cpus)} × ${String(mach.cpuModel)}, Node ${String(mach.node)}, ${String(mach.platform)}; ${String(mach.pinned)}; load average at start ${(mach.loadAverage as number[]).join(' ')}.`,
-    `Closed loop: autocannon, ${opts.connections} connections, ${opts.rounds} interleaved round(s) of ${opts.duration} s per scenario (every other round in reverse order), median round shown; the × columns are medians of the per-round ratios.` +
+    `Closed loop: autocannon, ${opts.connections} connections, ${opts.rounds} interleaved round(s) of ${opts.duration} s per scenario (every other round in reverse order; each proxy run as ${opts.replicas} process(es) taking the rounds in turn, after ${opts.warmup} s of warm-up each), median round shown; the × columns are medians of the per-round ratios.` +
       (opts.rate > 0 ? ` Fixed rate: ${opts.rate} req/s for ${opts.rateDuration} s, open loop, evenly paced, ${opts.connections} keep-alive connections.` : '') +
       ' Upstream: node:http, ~1 KiB JSON, keep-alive. HTTP/2 load: a node:http2 client (autocannon has no h2).' +
       ' CPU µs/req: CPU time of the proxy process per request during the closed-loop rounds (less sensitive to a busy machine than req/s).',
@@ -603,7 +617,7 @@ async function main (): Promise<void> {
     const ports: Ports = { upstream, tlsDir: selected.some((s) => s.protocol !== undefined) ? bench.tlsFiles() : '' }
     const runs: Running[] = []
     for (const scenario of selected) {
-      const r: Running = { scenario, url: '', rounds: [], cpuPerRequest: [] }
+      const r: Running = { scenario, url: '', rounds: [], cpuPerRequest: [], replicas: [] }
       runs.push(r)
       const missing = (scenario.needs ?? []).filter((m) => !present(m))
       if (missing.length > 0) {
@@ -613,16 +627,22 @@ async function main (): Promise<void> {
       const absent = (scenario.notes ?? []).filter((m) => !present(m))
       if (absent.length > 0) r.note = `without ${absent.map((m) => m.replace(/\.js$/, '.ts')).join(', ')}`
       try {
-        let port: number
         r.spawned = Date.now()
-        if (scenario.kind === 'direct') port = upstream[0]
-        else if (scenario.kind === 'baseline') ({ port, child: r.process } = await bench.startBaseline(upstream[0]))
-        else ({ port, child: r.process } = await bench.startGateway(scenario, ports))
-        r.url = `${scenario.protocol === 'https' || scenario.protocol === 'h2' ? 'https' : 'http'}://127.0.0.1:${port}${scenario.path}`
-        await probe(scenario, r.url)
-        const second = await probe(scenario, r.url)
-        if (second.status !== 200) r.skipped = `probe answered ${second.status} ${String(second.headers['content-type']).includes('problem') ? String((JSON.parse(second.body) as { code?: string }).code) : second.body.slice(0, 80)}`
-        else r.skipped = scenario.verify?.(second)
+        for (let i = 0; i < (scenario.kind === 'direct' || opts.soak > 0 ? 1 : opts.replicas) && r.skipped === undefined; i++) {
+          let port: number
+          let child: ChildProcess | undefined
+          if (scenario.kind === 'direct') port = upstream[0]
+          else if (scenario.kind === 'baseline') ({ port, child } = await bench.startBaseline(upstream[0]))
+          else ({ port, child } = await bench.startGateway(scenario, ports, i))
+          const url = `${scenario.protocol === 'https' || scenario.protocol === 'h2' ? 'https' : 'http'}://127.0.0.1:${port}${scenario.path}`
+          r.replicas.push({ url, process: child })
+          await probe(scenario, url)
+          const second = await probe(scenario, url)
+          if (second.status !== 200) r.skipped = `probe answered ${second.status} ${String(second.headers['content-type']).includes('problem') ? String((JSON.parse(second.body) as { code?: string }).code) : second.body.slice(0, 80)}`
+          else r.skipped = scenario.verify?.(second)
+        }
+        r.url = r.replicas[0].url
+        r.process = r.replicas[0].process
       } catch (err) {
         const message = (err as Error).message
         r.skipped = message.includes('wrong version number')
@@ -641,44 +661,46 @@ async function main (): Promise<void> {
     // Only the proxy being measured runs: the others are stopped (SIGSTOP) meanwhile, so their
     // timers (metrics sampling, connection checks) never take CPU 0 from it. With eleven
     // scenarios alive, the idle ones had moved the plain/baseline ratio by up to 20 %.
-    const park = (r: Running, on: boolean): void => {
-      if (r.process?.pid !== undefined && opts.pin) {
-        try { process.kill(r.process.pid, on ? 'SIGCONT' : 'SIGSTOP') } catch {}
+    const park = (p: Replica, on: boolean): void => {
+      if (p.process?.pid !== undefined && opts.pin) {
+        try { process.kill(p.process.pid, on ? 'SIGCONT' : 'SIGSTOP') } catch {}
       }
     }
-    for (const r of active) park(r, false)
+    const measure = async (p: Replica, r: Running, duration: number, rate: number): Promise<{ result: LoadResult, cpu: number | undefined }> => {
+      park(p, true)
+      const cpuBefore = cpuMicros(p.process?.pid)
+      const result = await bench.load({ ...base, url: p.url, headers: r.scenario.headers, duration, rate, h2: r.scenario.protocol === 'h2' })
+      const cpuAfter = cpuMicros(p.process?.pid)
+      park(p, false)
+      return { result, cpu: cpuBefore !== undefined && cpuAfter !== undefined && result.requests > 0 ? (cpuAfter - cpuBefore) / result.requests : undefined }
+    }
+    for (const r of active) for (const p of r.replicas) park(p, false)
     if (opts.warmup > 0) {
-      for (const r of active) {
-        park(r, true)
-        await bench.load({ ...base, url: r.url, headers: r.scenario.headers, duration: opts.warmup, rate: 0, h2: r.scenario.protocol === 'h2' })
-        park(r, false)
-      }
+      for (const r of active) for (const p of r.replicas) await measure(p, r, opts.warmup, 0)
     }
     // On this shared VM the neighbours' load changes within seconds: short rounds, many of them,
     // and the order reversed every other round (each pair of scenarios is measured side by side
     // both ways round) made the paired ratios steadier than five rounds of 3 s in one order.
     for (let round = 1; round <= opts.rounds; round++) {
       for (const r of round % 2 === 1 ? active : [...active].reverse()) {
-        park(r, true)
-        const cpuBefore = cpuMicros(r.process?.pid)
-        const result = await bench.load({ ...base, url: r.url, headers: r.scenario.headers, duration: opts.duration, rate: 0, h2: r.scenario.protocol === 'h2' })
-        const cpuAfter = cpuMicros(r.process?.pid)
-        park(r, false)
+        const p = r.replicas[(round - 1) % r.replicas.length]
+        const { result, cpu } = await measure(p, r, opts.duration, 0)
         r.rounds.push(result)
-        if (cpuBefore !== undefined && cpuAfter !== undefined && result.requests > 0) r.cpuPerRequest.push((cpuAfter - cpuBefore) / result.requests)
-        process.stdout.write(`  round ${round} ${r.scenario.name.padEnd(11)} ${String(result.rps).padStart(7)} req/s  p50 ${fmt(result.p50)} ms  p99 ${fmt(result.p99)} ms${result.errors + result.non2xx > 0 ? `  errors ${result.errors} non-2xx ${result.non2xx}` : ''}\n`)
+        if (cpu !== undefined) r.cpuPerRequest.push(cpu)
+        process.stdout.write(`  round ${round} ${r.scenario.name.padEnd(11)} ${String(result.rps).padStart(7)} req/s  p50 ${fmt(result.p50)} ms  p99 ${fmt(result.p99)} ms${cpu !== undefined ? `  ${Math.round(cpu)} µs/req` : ''}${result.errors + result.non2xx > 0 ? `  errors ${result.errors} non-2xx ${result.non2xx}` : ''}\n`)
       }
     }
     if (opts.rate > 0) {
       for (const r of active) {
-        park(r, true)
-        r.fixed = await bench.load({ ...base, url: r.url, headers: r.scenario.headers, duration: opts.rateDuration, rate: opts.rate, h2: r.scenario.protocol === 'h2' })
-        park(r, false)
+        r.fixed = (await measure(r.replicas[0], r, opts.rateDuration, opts.rate)).result
         process.stdout.write(`  @${opts.rate}/s  ${r.scenario.name.padEnd(11)} p50 ${fmt(r.fixed.p50)} ms  p99 ${fmt(r.fixed.p99)} ms\n`)
       }
     }
-    for (const r of active) park(r, true)
-    for (const r of active) r.peakRss = peakRssMiB(r.process?.pid)
+    for (const r of active) for (const p of r.replicas) park(p, true)
+    for (const r of active) {
+      const peaks = r.replicas.map((p) => peakRssMiB(p.process?.pid)).filter((m): m is number => m !== undefined)
+      r.peakRss = peaks.length > 0 ? Math.max(...peaks) : undefined
+    }
 
     const stamp = taken.toISOString().replace(/[:.]/g, '-')
     const json = {
