@@ -321,13 +321,15 @@ function peakRssMiB (pid: number | undefined): number | undefined {
 }
 
 /** utime + stime of a process (all its threads), µs. */
-function cpuMicros (pid: number | undefined): number | undefined {
+/** CPU time (µs, utime + stime) and minor page faults of a process so far. */
+function usage (pid: number | undefined): { cpu: number, faults: number } | undefined {
   if (pid === undefined) return undefined
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
-    // Fields 14 and 15 of proc(5) (utime, stime), counted from after the command name, in clock ticks (100 Hz).
-    return (Number(fields[11]) + Number(fields[12])) * 10_000
+    // Fields 10, 14 and 15 of proc(5) (minflt, utime, stime), counted from after the command
+    // name; times in clock ticks (100 Hz).
+    return { cpu: (Number(fields[11]) + Number(fields[12])) * 10_000, faults: Number(fields[7]) }
   } catch { return undefined }
 }
 
@@ -358,6 +360,8 @@ interface Running {
   rounds: LoadResult[]
   /** CPU time the proxy process spent per request in each round, µs (utime + stime, all threads). */
   cpuPerRequest: number[]
+  /** Minor page faults of the proxy process per request in each round. */
+  faultsPerRequest: number[]
   fixed?: LoadResult
   peakRss?: number
   /** When its process was started (profiles leave out the start-up). */
@@ -475,13 +479,14 @@ function machine (opts: Options): Record<string, unknown> {
   }
 }
 
-function summary (r: Running): { rps?: number, p50?: number, p99?: number, cpu?: number, errors: number } {
+function summary (r: Running): { rps?: number, p50?: number, p99?: number, cpu?: number, faults?: number, errors: number } {
   if (r.rounds.length === 0) return { errors: 0 }
   return {
     rps: Math.round(median(r.rounds.map((x) => x.rps))),
     p50: median(r.rounds.map((x) => x.p50)),
     p99: median(r.rounds.map((x) => x.p99)),
     cpu: r.cpuPerRequest.length > 0 ? Math.round(median(r.cpuPerRequest)) : undefined,
+    faults: r.faultsPerRequest.length > 0 ? Math.round(median(r.faultsPerRequest) * 100) / 100 : undefined,
     errors: r.rounds.reduce((n, x) => n + x.errors + x.non2xx + x.timeouts, 0) + (r.fixed !== undefined ? r.fixed.errors + r.fixed.non2xx + r.fixed.timeouts : 0)
   }
 }
@@ -514,19 +519,20 @@ function markdown (runs: Running[], opts: Options, taken: Date, mach: Record<str
     `Closed loop: autocannon, ${opts.connections} connections, ${opts.rounds} interleaved round(s) of ${opts.duration} s per scenario (every other round in reverse order; each proxy run as ${opts.replicas} process(es) taking the rounds in turn, after ${opts.warmup} s of warm-up each), median round shown; the × columns are medians of the per-round ratios.` +
       (opts.rate > 0 ? ` Fixed rate: ${opts.rate} req/s for ${opts.rateDuration} s, open loop, evenly paced, ${opts.connections} keep-alive connections.` : '') +
       ' Upstream: node:http, ~1 KiB JSON, keep-alive. HTTP/2 load: a node:http2 client (autocannon has no h2).' +
-      ' CPU µs/req: CPU time of the proxy process per request during the closed-loop rounds (less sensitive to a busy machine than req/s).',
+      ' CPU µs/req: CPU time of the proxy process per request during the closed-loop rounds (less sensitive to a busy machine than req/s).' +
+      ' Faults/req: its minor page faults per request in those rounds (a process in steady state takes almost none).',
     '',
-    `| Scenario | req/s | p50 ms | p99 ms | × direct | × plain | p99 ms @ ${opts.rate} req/s | CPU µs/req | peak RSS MiB | errors |`,
-    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
+    `| Scenario | req/s | p50 ms | p99 ms | × direct | × plain | p99 ms @ ${opts.rate} req/s | CPU µs/req | faults/req | peak RSS MiB | errors |`,
+    '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|'
   ]
   for (const r of runs) {
     if (r.skipped !== undefined) {
-      lines.push(`| ${r.scenario.title} | skipped: ${r.skipped} | | | | | | | | |`)
+      lines.push(`| ${r.scenario.title} | skipped: ${r.skipped} | | | | | | | | | |`)
       continue
     }
     const s = summary(r)
     const title = r.note !== undefined ? `${r.scenario.title} (${r.note})` : r.scenario.title
-    lines.push(`| ${title} | ${s.rps ?? ''} | ${fmt(s.p50)} | ${fmt(s.p99)} | ${times(paired(r, directRun))} | ${times(paired(r, plainRun))} | ${fmt(r.fixed?.p99)} | ${s.cpu ?? ''} | ${r.peakRss ?? ''} | ${s.errors} |`)
+    lines.push(`| ${title} | ${s.rps ?? ''} | ${fmt(s.p50)} | ${fmt(s.p99)} | ${times(paired(r, directRun))} | ${times(paired(r, plainRun))} | ${fmt(r.fixed?.p99)} | ${s.cpu ?? ''} | ${s.faults ?? ''} | ${r.peakRss ?? ''} | ${s.errors} |`)
   }
   const get = (name: string): Running | undefined => runs.find((x) => x.scenario.name === name)
   lines.push('')
@@ -617,7 +623,7 @@ async function main (): Promise<void> {
     const ports: Ports = { upstream, tlsDir: selected.some((s) => s.protocol !== undefined) ? bench.tlsFiles() : '' }
     const runs: Running[] = []
     for (const scenario of selected) {
-      const r: Running = { scenario, url: '', rounds: [], cpuPerRequest: [], replicas: [] }
+      const r: Running = { scenario, url: '', rounds: [], cpuPerRequest: [], faultsPerRequest: [], replicas: [] }
       runs.push(r)
       const missing = (scenario.needs ?? []).filter((m) => !present(m))
       if (missing.length > 0) {
@@ -666,13 +672,14 @@ async function main (): Promise<void> {
         try { process.kill(p.process.pid, on ? 'SIGCONT' : 'SIGSTOP') } catch {}
       }
     }
-    const measure = async (p: Replica, r: Running, duration: number, rate: number): Promise<{ result: LoadResult, cpu: number | undefined }> => {
+    const measure = async (p: Replica, r: Running, duration: number, rate: number): Promise<{ result: LoadResult, cpu?: number, faults?: number }> => {
       park(p, true)
-      const cpuBefore = cpuMicros(p.process?.pid)
+      const before = usage(p.process?.pid)
       const result = await bench.load({ ...base, url: p.url, headers: r.scenario.headers, duration, rate, h2: r.scenario.protocol === 'h2' })
-      const cpuAfter = cpuMicros(p.process?.pid)
+      const after = usage(p.process?.pid)
       park(p, false)
-      return { result, cpu: cpuBefore !== undefined && cpuAfter !== undefined && result.requests > 0 ? (cpuAfter - cpuBefore) / result.requests : undefined }
+      if (before === undefined || after === undefined || result.requests === 0) return { result }
+      return { result, cpu: (after.cpu - before.cpu) / result.requests, faults: (after.faults - before.faults) / result.requests }
     }
     for (const r of active) for (const p of r.replicas) park(p, false)
     if (opts.warmup > 0) {
@@ -684,10 +691,11 @@ async function main (): Promise<void> {
     for (let round = 1; round <= opts.rounds; round++) {
       for (const r of round % 2 === 1 ? active : [...active].reverse()) {
         const p = r.replicas[(round - 1) % r.replicas.length]
-        const { result, cpu } = await measure(p, r, opts.duration, 0)
+        const { result, cpu, faults } = await measure(p, r, opts.duration, 0)
         r.rounds.push(result)
         if (cpu !== undefined) r.cpuPerRequest.push(cpu)
-        process.stdout.write(`  round ${round} ${r.scenario.name.padEnd(11)} ${String(result.rps).padStart(7)} req/s  p50 ${fmt(result.p50)} ms  p99 ${fmt(result.p99)} ms${cpu !== undefined ? `  ${Math.round(cpu)} µs/req` : ''}${result.errors + result.non2xx > 0 ? `  errors ${result.errors} non-2xx ${result.non2xx}` : ''}\n`)
+        if (faults !== undefined) r.faultsPerRequest.push(faults)
+        process.stdout.write(`  round ${round} ${r.scenario.name.padEnd(11)} ${String(result.rps).padStart(7)} req/s  p50 ${fmt(result.p50)} ms  p99 ${fmt(result.p99)} ms${cpu !== undefined ? `  ${Math.round(cpu)} µs/req` : ''}${faults !== undefined ? `  ${faults.toFixed(2)} faults/req` : ''}${result.errors + result.non2xx > 0 ? `  errors ${result.errors} non-2xx ${result.non2xx}` : ''}\n`)
       }
     }
     if (opts.rate > 0) {
@@ -707,7 +715,7 @@ async function main (): Promise<void> {
       taken: taken.toISOString(),
       machine: mach,
       options: opts,
-      scenarios: runs.map((r) => ({ name: r.scenario.name, title: r.scenario.title, skipped: r.skipped, note: r.note, ...summary(r), peakRssMiB: r.peakRss, cpuPerRequest: r.cpuPerRequest, rounds: r.rounds, fixedRate: r.fixed }))
+      scenarios: runs.map((r) => ({ name: r.scenario.name, title: r.scenario.title, skipped: r.skipped, note: r.note, ...summary(r), peakRssMiB: r.peakRss, cpuPerRequest: r.cpuPerRequest, faultsPerRequest: r.faultsPerRequest, rounds: r.rounds, fixedRate: r.fixed }))
     }
     writeFileSync(join(opts.out, `${stamp}.json`), JSON.stringify(json, null, 2))
     const md = markdown(runs, opts, taken, mach)
