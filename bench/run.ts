@@ -570,7 +570,16 @@ async function soak (bench: Bench, runs: Running[], opts: Options): Promise<void
   const base = samples[Math.max(0, Math.floor(samples.length / 10))]?.rssMiB ?? 0
   const end = samples.at(-1)?.rssMiB ?? 0
   const growth = base > 0 ? Math.round(1000 * (end - base) / base) / 10 : 0
-  const out = { taken: new Date().toISOString(), machine: machine(opts), scenario: r.scenario.name, result, rss: { baseMiB: base, endMiB: end, peakMiB: peakRssMiB(pid), growthPercent: growth, samples } }
+  // Under load RSS is a sawtooth: the heap grows to its next collection and falls back (by up to
+  // 60 MiB here), so a single sample says more about where the cycle was than about a leak. What
+  // a leak raises is the floor, the RSS the process falls back to: the lowest sample of the
+  // first third of the run against the lowest of the last third.
+  const third = Math.max(1, Math.floor(samples.length / 3))
+  const floor = (xs: typeof samples): number => Math.min(...xs.map((x) => x.rssMiB ?? Infinity))
+  const firstFloor = floor(samples.slice(0, third))
+  const lastFloor = floor(samples.slice(-third))
+  const floorGrowth = Number.isFinite(firstFloor) && Number.isFinite(lastFloor) && firstFloor > 0 ? Math.round(1000 * (lastFloor - firstFloor) / firstFloor) / 10 : 0
+  const out = { taken: new Date().toISOString(), machine: machine(opts), scenario: r.scenario.name, result, rss: { baseMiB: base, endMiB: end, peakMiB: peakRssMiB(pid), growthPercent: growth, firstThirdFloorMiB: firstFloor, lastThirdFloorMiB: lastFloor, floorGrowthPercent: floorGrowth, samples } }
   const stamp = out.taken.replace(/[:.]/g, '-')
   writeFileSync(join(opts.out, `soak-${stamp}.json`), JSON.stringify(out, null, 2))
   const md = [
@@ -580,7 +589,8 @@ async function soak (bench: Bench, runs: Running[], opts: Options): Promise<void
     '',
     `${r.scenario.title}: ${opts.soak} s at full load (${opts.connections} connections): ${result.requests} requests, ${result.rps} req/s, ` +
       `${result.errors + result.timeouts} errors, ${result.non2xx} non-2xx; p99 ${fmt(result.p99)} ms. ` +
-      `RSS ${base} MiB after ${warmup} s of warm-up -> ${end} MiB at the end (${growth >= 0 ? '+' : ''}${growth} %), peak ${out.rss.peakMiB ?? '?'} MiB.`,
+      `RSS floor (lowest sample) ${firstFloor} MiB in the first third -> ${lastFloor} MiB in the last third (${floorGrowth >= 0 ? '+' : ''}${floorGrowth} %); ` +
+      `single samples: ${base} MiB after ${warmup} s of warm-up -> ${end} MiB at the end (${growth >= 0 ? '+' : ''}${growth} %), peak ${out.rss.peakMiB ?? '?'} MiB.`,
     ''
   ].join('\n')
   writeFileSync(join(opts.out, 'soak-latest.md'), md)
