@@ -27,12 +27,12 @@ const USAGE = `Usage: npm run bench -- [options]
   --list            list the scenarios and exit
   --duration S      seconds per closed-loop round (default 2)
   --rounds N        interleaved rounds, alternately forward and reversed (default 8)
-  --warmup S        seconds of warm-up per scenario and replica (default 3)
+  --warmup S        seconds of warm-up per scenario and replica (default 2.5)
   --replicas N      processes per proxied scenario, taking the rounds in turn (default 2)
   --connections N   concurrent connections (default 50)
   --rate N          fixed-rate run at N req/s for the latency column; keep it below every
                     scenario's capacity (open loop: above it, queues grow); 0 skips it (default 1000)
-  --rate-duration S seconds of the fixed-rate run (default 3)
+  --rate-duration S seconds of the fixed-rate run (default 2)
   --no-pin          do not pin processes to cores
   --soak S          instead of the table: one S-second full-load run of one scenario (--only, default all or plain), sampling RSS
   --profile         run the gateways under --cpu-prof and print their top costs
@@ -219,11 +219,11 @@ function parseOptions (): Options {
     only,
     duration: num(values.duration, 2, 'duration'),
     rounds: Math.max(1, num(values.rounds, 8, 'rounds')),
-    warmup: num(values.warmup, 3, 'warmup'),
+    warmup: num(values.warmup, 2.5, 'warmup'),
     replicas: Math.max(1, num(values.replicas, 2, 'replicas')),
     connections: Math.max(1, num(values.connections, 50, 'connections')),
     rate: num(values.rate, 1000, 'rate'),
-    rateDuration: num(values['rate-duration'], 3, 'rate-duration'),
+    rateDuration: num(values['rate-duration'], 2, 'rate-duration'),
     pin: values['no-pin'] !== true && os.availableParallelism() >= 2 && spawnSync('taskset', ['-V']).status === 0,
     soak: num(values.soak, 0, 'soak'),
     profile: values.profile === true,
