@@ -275,6 +275,35 @@ test('hop-by-hop request headers, and headers named in Connection, are not forwa
   assert.equal(seen['x-kept'], 'yes')
 })
 
+test('route request header edits: set wins over the client and the gateway, remove drops both', async (t) => {
+  const up = await startUpstream(t)
+  const headers = { request: { set: { 'X-Env': 'prod', 'x-forwarded-host': 'api.example' }, remove: ['x-debug', 'x-request-id'] } }
+  const gw = await startGateway(t, { routes: { svc: route('/svc', up.url, { headers }) } })
+  const res = await call(`${gw.url}/svc/a`, { headers: { 'x-env': 'dev', 'x-debug': '1', 'x-kept': 'yes' } })
+  assert.equal(res.status, 200)
+  const seen = up.received[0]
+  assert.equal(seen.headers['x-env'], 'prod')
+  assert.equal(seen.headers['x-forwarded-host'], 'api.example')
+  assert.equal(seen.headers['x-debug'], undefined)
+  assert.equal(seen.headers['x-request-id'], undefined, 'a removed gateway header is not sent either')
+  assert.equal(seen.headers['x-kept'], 'yes')
+  assert.equal(seen.headers['x-forwarded-for'], '127.0.0.1')
+  // Each name once: a set name is not also copied from the client.
+  assert.equal(seen.rawHeaders.filter((h, i) => i % 2 === 0 && h.toLowerCase() === 'x-env').length, 1)
+})
+
+test('failover to another target carries the Host header along with it', async (t) => {
+  const dead = await startUpstream(t)
+  const deadUrl = dead.url
+  await dead.close()
+  const live = await startUpstream(t)
+  const gw = await startGateway(t, { routes: { svc: route('/svc', deadUrl, { upstream: { targets: [{ url: deadUrl }, { url: live.url }], balancer: 'round-robin', retries: { attempts: 1 } } }) } })
+  // Round robin starts on either target: ask until one request met the closed one first.
+  for (let i = 0; i < 4; i++) assert.equal((await call(`${gw.url}/svc/a`)).status, 200)
+  assert.equal(live.received.length, 4)
+  for (const r of live.received) assert.equal(r.headers.host, `127.0.0.1:${live.port}`)
+})
+
 test('hop-by-hop response headers, and headers named in Connection, are not returned', async (t) => {
   const up = await startUpstream(t, (_req, res) => {
     res.setHeader('connection', 'x-upstream-private')
