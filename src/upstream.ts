@@ -640,35 +640,8 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     }
   }
 
-  /** The request headers as they go upstream, edited in place (a copy of the client's). */
-  function forwardingHeaders (request: FastifyRequest, h: IncomingHttpHeaders): IncomingHttpHeaders {
-    for (const name of HOP_BY_HOP_REQUEST) if (h[name] !== undefined) delete h[name]
-    // X-Forwarded-For from a trusted proxy is extended; anyone else's is replaced, so an upstream
-    // that reads its left-most entry cannot be fooled by a client.
-    const peer = request.raw.socket.remoteAddress ?? ''
-    const xff = h['x-forwarded-for']
-    const trustedPeer = ctx.trusted(peer)
-    h['x-forwarded-for'] = xff !== undefined && trustedPeer ? `${xff}, ${peer}` : peer
-    // The other client-address headers are believed from nobody but a trusted proxy either.
-    if (!trustedPeer) for (const name of UNTRUSTED_FORWARDING) delete h[name]
-    h['x-forwarded-proto'] = request.protocol
-    h['x-forwarded-host'] = request.host
-    h['x-request-id'] = request.id
-    // An HTTP/2 client sends :authority instead of Host.
-    if (route.preserveHost) h.host = request.headers.host ?? (request.headers[':authority'] as string | undefined)
-    for (const name of requestRemove) delete h[name]
-    for (const [k, v] of requestSet) h[k] = v
-    return h
-  }
-
-  function rewriteRequestHeaders (request: FastifyRequest, headers: IncomingHttpHeaders): IncomingHttpHeaders {
-    const h = forwardingHeaders(request, headers) as HeadersWithRequest
-    h[kRequest] = request
-    return h
-  }
-
-  // The direct way's request headers in one pass over the client's: names never copied (hop by hop,
-  // set by the gateway, removed by the route) are looked up in one set per route.
+  // The request headers as they go upstream, built in one pass over the client's: names never
+  // copied (hop by hop, set by the gateway, removed by the route) are looked up in one set per route.
   const setNames = new Set(requestSet.map(([k]) => k))
   const removed = new Set(requestRemove)
   const own = (name: string): boolean => !setNames.has(name) && !removed.has(name)
@@ -678,12 +651,14 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
   const flatSet = requestSet.flatMap(([k, v]) => [k, v])
 
   /**
-   * The request headers of the direct way, as a flat list: what forwardingHeaders gives the
-   * reply-from way (no pseudo-headers, nothing hop by hop or named by Connection, the forwarding
-   * headers, the route's edits), built without copying and editing an object.
+   * The request headers as they go to `target`, as a flat [name, value, ...] list, Host first when
+   * the gateway sets it: the client's (`src`: its headers, or reply-from's copy of them) less
+   * pseudo-headers, hop-by-hop ones and those Connection names; X-Forwarded-For extended when the
+   * peer is a trusted proxy and replaced otherwise, the other client-address headers believed
+   * from a trusted proxy only; X-Forwarded-Proto/Host and X-Request-Id; then the route's edits.
+   * The one rule for both ways and WebSocket upgrades.
    */
-  function directHeaders (request: FastifyRequest, target: Target): string[] {
-    const src = request.headers
+  function forwardedHeaders (request: FastifyRequest, src: IncomingHttpHeaders, target: Target): string[] {
     const peer = request.raw.socket.remoteAddress ?? ''
     const trustedPeer = ctx.trusted(peer)
     const connection = src.connection
@@ -691,16 +666,16 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     const out: string[] = []
     if (sets.host) {
       // An HTTP/2 client sends :authority instead of Host.
-      const host = route.preserveHost ? src.host ?? (src[':authority'] as string | undefined) : target.host
+      const host = route.preserveHost ? request.headers.host ?? (request.headers[':authority'] as string | undefined) : target.host
       if (host !== undefined) out.push('host', host)
     }
     for (const name in src) {
       if (NOT_COPIED.has(name) || name.charCodeAt(0) === 58 || (!trustedPeer && UNTRUSTED.has(name)) || (listed !== undefined && listed.includes(name))) continue
       const value = src[name]
       if (typeof value === 'string') out.push(name, value)
+      else if (typeof value === 'number') out.push(name, String(value))
       else if (value !== undefined) for (const v of value) out.push(name, v)
     }
-    // X-Forwarded-For from a trusted proxy is extended; anyone else's is replaced (forwardingHeaders).
     if (sets.xff) {
       const xff = src['x-forwarded-for']
       out.push('x-forwarded-for', xff !== undefined && trustedPeer ? `${String(xff)}, ${peer}` : peer)
@@ -710,6 +685,26 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
     if (sets.id) out.push('x-request-id', request.id)
     for (let i = 0; i < flatSet.length; i++) out.push(flatSet[i])
     return out
+  }
+
+  /** forwardedHeaders as an object, for reply-from and the WebSocket client. */
+  function forwardedHeadersObject (request: FastifyRequest, src: IncomingHttpHeaders, target: Target): IncomingHttpHeaders {
+    const list = forwardedHeaders(request, src, target)
+    const h: IncomingHttpHeaders = {}
+    for (let i = 0; i < list.length; i += 2) {
+      const name = list[i]
+      const had = h[name]
+      h[name] = had === undefined ? list[i + 1] : [...(Array.isArray(had) ? had : [had]), list[i + 1]]
+    }
+    return h
+  }
+
+  // reply-from's copy already has the Host of the target it was given and a Content-Length that
+  // matches the body it sends.
+  function rewriteRequestHeaders (request: FastifyRequest, headers: IncomingHttpHeaders): IncomingHttpHeaders {
+    const h = forwardedHeadersObject(request, headers, (request.upstream as UpstreamState).target as Target) as HeadersWithRequest
+    h[kRequest] = request
+    return h
   }
 
   function rewriteHeaders (headers: IncomingHttpHeaders): IncomingHttpHeaders {
@@ -800,13 +795,13 @@ export function upstreamPlugin (route: RouteDefinition, ctx: UpstreamContext) {
       const q = request.url.indexOf('?')
       state.path = upstreamPath(request.url, prefix, rewrite) + (q === -1 ? '' : request.url.slice(q))
       if (route.websocket && isWebSocketUpgrade(request.raw)) {
-        const headers = forwardingHeaders(request, { ...request.headers })
+        const headers = forwardedHeadersObject(request, request.headers, state.target)
         proxyWebSocket(request, reply, { route, target: state.target, path: state.path, headers, tls: connect, onError: (error) => onError(reply, { error }) })
         return
       }
       if (direct && !(route.compress && wantsEncoding(request.headers['accept-encoding']))) {
         const body = state.body ?? (isStream(request.body) ? request.body : null)
-        const opts: ExchangeOptions = { path: state.path, method: request.method, headers: directHeaders(request, state.target), body }
+        const opts: ExchangeOptions = { path: state.path, method: request.method, headers: forwardedHeaders(request, request.headers, state.target), body }
         new Direct(request, reply, state, opts).attempt(state.target)
         return
       }

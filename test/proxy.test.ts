@@ -292,6 +292,30 @@ test('route request header edits: set wins over the client and the gateway, remo
   assert.equal(seen.rawHeaders.filter((h, i) => i % 2 === 0 && h.toLowerCase() === 'x-env').length, 1)
 })
 
+test('both forwarding ways send the same request headers (direct, and reply-from for a client that takes gzip)', async (t) => {
+  const up = await startUpstream(t)
+  const headers = { request: { set: { 'x-env': 'prod' }, remove: ['x-debug'] } }
+  const gw = await startGateway(t, { routes: { svc: route('/svc', up.url, { headers }) } })
+  const lines = ['GET /svc/a HTTP/1.1', 'Host: gw.test', 'Connection: X-Private, keep-alive', 'X-Private: secret', 'X-Forwarded-For: 6.6.6.6',
+    'X-Real-IP: 6.6.6.6', 'X-Debug: 1', 'X-Env: dev', 'X-Request-Id: trace-me-1', 'X-Kept: yes']
+  assert.equal((await rawCall(gw.port, lines)).status, 200)
+  assert.equal((await rawCall(gw.port, [...lines, 'Accept-Encoding: gzip'])).status, 200)
+  assert.equal(up.received.length, 2)
+  const [direct, viaReplyFrom] = up.received.map((r) => {
+    const { 'accept-encoding': _, traceparent: __, ...rest } = r.headers
+    return rest
+  })
+  assert.deepEqual(viaReplyFrom, direct)
+  assert.equal(direct['x-forwarded-for'], '127.0.0.1')
+  assert.equal(direct['x-real-ip'], undefined)
+  assert.equal(direct['x-private'], undefined)
+  assert.equal(direct['x-debug'], undefined)
+  assert.equal(direct['x-env'], 'prod')
+  assert.equal(direct['x-request-id'], 'trace-me-1')
+  assert.equal(direct['x-kept'], 'yes')
+  assert.equal(direct.host, `127.0.0.1:${up.port}`)
+})
+
 test('failover to another target carries the Host header along with it', async (t) => {
   const dead = await startUpstream(t)
   const deadUrl = dead.url
