@@ -345,9 +345,6 @@ interface Replica { url: string, process?: ChildProcess }
 
 interface Running {
   scenario: Scenario
-  /** The first replica's (the soak and the fixed-rate run use it). */
-  url: string
-  process?: ChildProcess
   /**
    * The processes of this scenario, which take the rounds in turn. Two processes of one build
    * differed by up to 35 % in CPU per request for a whole run here (the 3-target route, same
@@ -555,16 +552,18 @@ function markdown (runs: Running[], opts: Options, taken: Date, mach: Record<str
 async function soak (bench: Bench, runs: Running[], opts: Options): Promise<void> {
   const r = runs.find((x) => x.scenario.kind === 'gateway' && x.skipped === undefined)
   if (r === undefined) throw new Error('no runnable gateway scenario to soak')
-  const pid = r.process?.pid
+  // The soak starts one process per scenario.
+  const { url, process: child } = r.replicas[0]
+  const pid = child?.pid
   // JIT, pools and caches fill up first: RSS growth is measured on a warm process.
   const warmup = Math.max(opts.warmup, 10)
   process.stdout.write(`soak: warming ${r.scenario.name} up for ${warmup} s ...\n`)
-  await bench.load({ url: r.url, headers: r.scenario.headers, connections: opts.connections, duration: warmup, rate: 0, h2: r.scenario.protocol === 'h2' })
+  await bench.load({ url, headers: r.scenario.headers, connections: opts.connections, duration: warmup, rate: 0, h2: r.scenario.protocol === 'h2' })
   const samples: Array<{ t: number, rssMiB?: number }> = []
   const started = Date.now()
   const timer = setInterval(() => samples.push({ t: Math.round((Date.now() - started) / 1000), rssMiB: rssMiB(pid) }), 1000)
   process.stdout.write(`soak: ${r.scenario.name} at full load for ${opts.soak} s ...\n`)
-  const result = await bench.load({ url: r.url, headers: r.scenario.headers, connections: opts.connections, duration: opts.soak, rate: 0, h2: r.scenario.protocol === 'h2' })
+  const result = await bench.load({ url, headers: r.scenario.headers, connections: opts.connections, duration: opts.soak, rate: 0, h2: r.scenario.protocol === 'h2' })
   clearInterval(timer)
   // Growth is measured from the end of warm-up (10 % into the run) to the end, not from start-up.
   const base = samples[Math.max(0, Math.floor(samples.length / 10))]?.rssMiB ?? 0
@@ -633,7 +632,7 @@ async function main (): Promise<void> {
     const ports: Ports = { upstream, tlsDir: selected.some((s) => s.protocol !== undefined) ? bench.tlsFiles() : '' }
     const runs: Running[] = []
     for (const scenario of selected) {
-      const r: Running = { scenario, url: '', rounds: [], cpuPerRequest: [], faultsPerRequest: [], replicas: [] }
+      const r: Running = { scenario, rounds: [], cpuPerRequest: [], faultsPerRequest: [], replicas: [] }
       runs.push(r)
       const missing = (scenario.needs ?? []).filter((m) => !present(m))
       if (missing.length > 0) {
@@ -657,8 +656,6 @@ async function main (): Promise<void> {
           if (second.status !== 200) r.skipped = `probe answered ${second.status} ${String(second.headers['content-type']).includes('problem') ? String((JSON.parse(second.body) as { code?: string }).code) : second.body.slice(0, 80)}`
           else r.skipped = scenario.verify?.(second)
         }
-        r.url = r.replicas[0].url
-        r.process = r.replicas[0].process
       } catch (err) {
         const message = (err as Error).message
         r.skipped = message.includes('wrong version number')
