@@ -13,6 +13,7 @@ import { GATEHOUSE_HEADERS_TOO_LARGE, GATEHOUSE_BAD_REQUEST, errorMeta, problemT
 import { Certificates, createRedirectServer, createSecureListener, http1Options, type SecureListener } from './tls.js'
 import { WebSocketTunnels } from './websocket.js'
 import { compileTrust } from './trust.js'
+import { InFlight } from './inflight.js'
 import { limitConnectionsPerIp } from '../plugins/limits.js'
 
 type Handler = (req: IncomingMessage, res: ServerResponse) => void
@@ -108,7 +109,7 @@ export class GatewayServer {
   /** Versions swapped out by a reload whose in-flight requests are still finishing. */
   private readonly retiring = new Set<Version>()
   /** Responses in progress, so that a drain can tell their clients not to reuse the connection. */
-  private readonly active = new Set<ServerResponse>()
+  private readonly active = new InFlight<ServerResponse>()
   private reloading: Promise<ReloadResult> | undefined
 
   constructor (options: GatewayServerOptions = {}) {
@@ -284,7 +285,7 @@ export class GatewayServer {
     const serverClosed = new Promise<void>((resolve) => this.server.close(() => resolve()))
     this.server.closeIdleConnections()
     // Responses not yet started tell their clients to close; the others' connections are closed below.
-    for (const res of this.active) if (!res.headersSent) res.shouldKeepAlive = false
+    for (const res of this.active.values()) if (!res.headersSent) res.shouldKeepAlive = false
     // Versions retired by a recent reload may still be finishing requests too.
     const versions = [this.current, ...this.retiring]
     const drained = (await Promise.all(versions.map(async (v) => await v.drained(this.config.limits.shutdownTimeout)))).every(Boolean)
