@@ -26,9 +26,11 @@ const USAGE = `Usage: npm run bench -- [options]
   --only a,b        run only these scenarios (see --list); direct and plain are added for the ratios
   --list            list the scenarios and exit
   --duration S      seconds per closed-loop round (default 2)
-  --rounds N        interleaved rounds, alternately forward and reversed (default 8)
+  --rounds N        interleaved rounds, alternately forward and reversed (default 5)
   --warmup S        seconds of warm-up per scenario and replica (default 2.5)
-  --replicas N      processes per proxied scenario, taking the rounds in turn (default 2)
+  --replicas N      processes per proxied scenario, taking the rounds in turn (default 1)
+  --settle S        seconds of unmeasured full load on a proxy just before each of its measured
+                    runs, so that each round measures a busy process, not one waking up (default 2)
   --connections N   concurrent connections (default 50)
   --rate N          fixed-rate run at N req/s for the latency column; keep it below every
                     scenario's capacity (open loop: above it, queues grow); 0 skips it (default 1000)
@@ -52,6 +54,7 @@ interface Options {
   rounds: number
   warmup: number
   replicas: number
+  settle: number
   connections: number
   rate: number
   rateDuration: number
@@ -189,6 +192,7 @@ function parseOptions (): Options {
       rounds: { type: 'string' },
       warmup: { type: 'string' },
       replicas: { type: 'string' },
+      settle: { type: 'string' },
       connections: { type: 'string' },
       rate: { type: 'string' },
       'rate-duration': { type: 'string' },
@@ -218,9 +222,10 @@ function parseOptions (): Options {
   return {
     only,
     duration: num(values.duration, 2, 'duration'),
-    rounds: Math.max(1, num(values.rounds, 8, 'rounds')),
+    rounds: Math.max(1, num(values.rounds, 5, 'rounds')),
     warmup: num(values.warmup, 2.5, 'warmup'),
-    replicas: Math.max(1, num(values.replicas, 2, 'replicas')),
+    replicas: Math.max(1, num(values.replicas, 1, 'replicas')),
+    settle: num(values.settle, 2, 'settle'),
     connections: Math.max(1, num(values.connections, 50, 'connections')),
     rate: num(values.rate, 1000, 'rate'),
     rateDuration: num(values['rate-duration'], 2, 'rate-duration'),
@@ -346,10 +351,10 @@ interface Replica { url: string, process?: ChildProcess }
 interface Running {
   scenario: Scenario
   /**
-   * The processes of this scenario, which take the rounds in turn. Two processes of one build
-   * differed by up to 35 % in CPU per request for a whole run here (the 3-target route, same
-   * code as the plain one, came out 1.4× faster than it): rounds spread over replicas keep one
-   * unlucky process from deciding a ratio.
+   * The processes of this scenario, which take the rounds in turn (--replicas). Two processes
+   * of one build once differed by up to 35 % in CPU per request for a whole run: one of them
+   * had fallen into the promotion chain that src/inflight.ts explains, the other had not. With
+   * that fixed, one process per scenario is the default; more spread the rounds over processes.
    */
   replicas: Replica[]
   skipped?: string
@@ -513,7 +518,7 @@ function markdown (runs: Running[], opts: Options, taken: Date, mach: Record<str
     '# Gatehouse benchmark',
     '',
     `Taken ${taken.toISOString().slice(0, 16).replace('T', ' ')} UTC on ${String(mach.cpus)} × ${String(mach.cpuModel)}, Node ${String(mach.node)}, ${String(mach.platform)}; ${String(mach.pinned)}; load average at start ${(mach.loadAverage as number[]).join(' ')}.`,
-    `Closed loop: autocannon, ${opts.connections} connections, ${opts.rounds} interleaved round(s) of ${opts.duration} s per scenario (every other round in reverse order; each proxy run as ${opts.replicas} process(es) taking the rounds in turn, after ${opts.warmup} s of warm-up each), median round shown; the × columns are medians of the per-round ratios.` +
+    `Closed loop: autocannon, ${opts.connections} connections, ${opts.rounds} interleaved round(s) of ${opts.duration} s per scenario (every other round in reverse order; each proxy run as ${opts.replicas} process(es) taking the rounds in turn, after ${opts.warmup} s of warm-up each; each measured run preceded by ${opts.settle} s of unmeasured load on the proxy, which had been stopped meanwhile), median round shown; the × columns are medians of the per-round ratios.` +
       (opts.rate > 0 ? ` Fixed rate: ${opts.rate} req/s for ${opts.rateDuration} s, open loop, evenly paced, ${opts.connections} keep-alive connections.` : '') +
       ' Upstream: node:http, ~1 KiB JSON, keep-alive. HTTP/2 load: a node:http2 client (autocannon has no h2).' +
       ' CPU µs/req: CPU time of the proxy process per request during the closed-loop rounds (less sensitive to a busy machine than req/s).' +
@@ -679,8 +684,16 @@ async function main (): Promise<void> {
         try { process.kill(p.process.pid, on ? 'SIGCONT' : 'SIGSTOP') } catch {}
       }
     }
-    const measure = async (p: Replica, r: Running, duration: number, rate: number): Promise<{ result: LoadResult, cpu?: number, faults?: number }> => {
+    // A parked proxy wakes up as if it had been idle for the whole time it was stopped: V8 then
+    // judges its allocation rate low, shrinks and releases the young generation, and for about
+    // two seconds of full load every new allocation touches fresh pages (0.5-2 minor page faults
+    // per request here, against 0.04 when busy; the baseline and the gateways alike, the larger
+    // heap more). Unmeasured load first, so that rounds compare busy processes, as in service.
+    const measure = async (p: Replica, r: Running, duration: number, rate: number, settle = opts.settle): Promise<{ result: LoadResult, cpu?: number, faults?: number }> => {
       park(p, true)
+      if (p.process !== undefined && settle > 0) {
+        await bench.load({ ...base, url: p.url, headers: r.scenario.headers, duration: settle, rate: 0, h2: r.scenario.protocol === 'h2' })
+      }
       const before = usage(p.process?.pid)
       const result = await bench.load({ ...base, url: p.url, headers: r.scenario.headers, duration, rate, h2: r.scenario.protocol === 'h2' })
       const after = usage(p.process?.pid)
@@ -690,7 +703,7 @@ async function main (): Promise<void> {
     }
     for (const r of active) for (const p of r.replicas) park(p, false)
     if (opts.warmup > 0) {
-      for (const r of active) for (const p of r.replicas) await measure(p, r, opts.warmup, 0)
+      for (const r of active) for (const p of r.replicas) await measure(p, r, opts.warmup, 0, 0)
     }
     // On this shared VM the neighbours' load changes within seconds: short rounds, many of them,
     // and the order reversed every other round (each pair of scenarios is measured side by side
@@ -707,7 +720,7 @@ async function main (): Promise<void> {
     }
     if (opts.rate > 0) {
       for (const r of active) {
-        r.fixed = (await measure(r.replicas[0], r, opts.rateDuration, opts.rate)).result
+        r.fixed = (await measure(r.replicas[0], r, opts.rateDuration, opts.rate, Math.min(opts.settle, 1))).result
         process.stdout.write(`  @${opts.rate}/s  ${r.scenario.name.padEnd(11)} p50 ${fmt(r.fixed.p50)} ms  p99 ${fmt(r.fixed.p99)} ms\n`)
       }
     }
