@@ -57,14 +57,15 @@ export class MemoryRateLimitStore implements RateLimitStore {
     if (ahead > windowMs + EPSILON) {
       return { allowed: false, remaining: 0, resetMs: tat - now, retryAfterMs: ahead - windowMs }
     }
-    // Delete and set: the Map's order is then least recently used first, for eviction.
-    this.tats.delete(key)
+    // Set in place. A delete and re-insert per request (to keep the Map in least-recently-used
+    // order) rebuilt its table every few hundred requests, and the replaced tables chained into
+    // the old generation (src/inflight.ts): 47 bytes promoted per request against 1 without.
     this.tats.set(key, next)
     if (this.tats.size > this.maxKeys) this.evict(now)
     return { allowed: true, remaining: Math.floor((windowMs - ahead) / interval + 1e-9), resetMs: ahead, retryAfterMs: 0 }
   }
 
-  /** Drops expired keys; if every key is live, the least recently used ones (they get a fresh quota). */
+  /** Drops expired keys; if every key is live, the first inserted ones (they get a fresh quota). */
   private evict (now: number): void {
     for (const [k, tat] of this.tats) if (tat <= now) this.tats.delete(k)
     const over = this.tats.size - this.maxKeys
