@@ -83,3 +83,29 @@ test('memory rate-limit store: counting requests promotes nothing per request', 
   const bytes = promotedBy(COUNTING, '')
   assert.ok(bytes / 200000 < 8, `${(bytes / 200000).toFixed(1)} bytes promoted per counted request`)
 })
+
+const HITS = `
+const { MemoryCacheStore } = require(${JSON.stringify(join(__dirname, '..', 'src', 'stores', 'cache-memory.js'))})
+const v8 = require('node:v8')
+const store = new MemoryCacheStore(64 * 1024 * 1024)
+const entry = (i) => ({ status: 200, headers: {}, body: Buffer.alloc(16), route: 'r', vary: [], variant: '', responseTime: 0, initialAge: 0 })
+;(async () => {
+  for (let i = 0; i < 100; i++) await store.set('k' + i, entry(i), 600000)
+  gc()
+  const old = () => v8.getHeapSpaceStatistics().find((s) => s.space_name === 'old_space').space_used_size
+  const before = old()
+  let request
+  for (let i = 0; i < 200000; i++) {
+    await store.get('k' + (i % 3))
+    request = { body: new Array(32).fill(i) }
+    if (i % 1000 === 999) gc({ type: 'minor' })
+  }
+  process.stdout.write(String(old() - before))
+})()
+`
+
+test('memory cache store: hits on hot entries promote nothing per request', () => {
+  // A delete and re-insert per hit (for LRU order) promoted ~47 bytes each.
+  const bytes = promotedBy(HITS, '')
+  assert.ok(bytes / 200000 < 8, `${(bytes / 200000).toFixed(1)} bytes promoted per hit`)
+})

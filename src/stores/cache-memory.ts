@@ -6,18 +6,24 @@ interface Slot {
   entry: CachedEntry
   size: number
   expires: number
+  /** The store's insertion count when this slot was last (re)inserted. */
+  seq: number
 }
 
 /**
  * In-process response store: an LRU over variants, bounded by `maxBytes` (bodies, headers and
  * keys counted). A Map keeps insertion order, so re-inserting on use makes the first key the
- * least recently used one.
+ * least recently used one. A hit re-inserts only a slot in the older half of that order (lazy
+ * promotion, as CLOCK-like caches do): a delete and re-insert on every hit rebuilt the Map's
+ * table every few hundred hits, and the replaced tables chained into the old generation
+ * (src/inflight.ts). A slot in the newer half is not near eviction anyway.
  */
 export class MemoryCacheStore implements CacheStore {
   private readonly slots = new Map<string, Slot>()
   /** primary key -> its variant slot keys */
   private readonly index = new Map<string, Set<string>>()
   private bytes = 0
+  private seq = 0
   readonly maxBytes: number
 
   constructor (maxBytes: number) {
@@ -34,8 +40,11 @@ export class MemoryCacheStore implements CacheStore {
     for (const slotKey of [...variants]) {
       const slot = this.slots.get(slotKey) as Slot
       if (slot.expires <= now) { this.remove(slotKey); continue }
-      this.slots.delete(slotKey)
-      this.slots.set(slotKey, slot)
+      if (this.seq - slot.seq > this.slots.size / 2) {
+        this.slots.delete(slotKey)
+        this.slots.set(slotKey, slot)
+        slot.seq = ++this.seq
+      }
       out.push(slot.entry)
     }
     return out.sort((a, b) => b.responseTime - a.responseTime)
@@ -50,7 +59,7 @@ export class MemoryCacheStore implements CacheStore {
       const oldest = this.slots.keys().next().value as string
       this.remove(oldest)
     }
-    this.slots.set(slotKey, { primary: key, entry, size, expires: Date.now() + ttl })
+    this.slots.set(slotKey, { primary: key, entry, size, expires: Date.now() + ttl, seq: ++this.seq })
     this.bytes += size
     let variants = this.index.get(key)
     if (variants === undefined) this.index.set(key, variants = new Set())
