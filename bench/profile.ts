@@ -34,10 +34,10 @@ function packageOf (url: string, root: string): string {
   return 'gatehouse'
 }
 
-/** `skipMs`: samples of the first milliseconds (start-up: module loading, building routes) are left out. */
 /** A gap between two samples longer than this (µs; they are ~1 ms apart) is a stopped process. */
 const PARKED_US = 100_000
 
+/** `skipMs`: samples of the first milliseconds (start-up: module loading, building routes) are left out. */
 export function summarizeProfile (file: string, root: string, top = 25, skipMs = 0): { functions: ProfileRow[], packages: ProfileRow[], idlePercent: number } {
   const profile = JSON.parse(readFileSync(file, 'utf8')) as Profile
   const byId = new Map(profile.nodes.map((n) => [n.id, n]))

@@ -325,7 +325,6 @@ function peakRssMiB (pid: number | undefined): number | undefined {
   } catch { return undefined }
 }
 
-/** utime + stime of a process (all its threads), µs. */
 /** CPU time (µs, utime + stime) and minor page faults of a process so far. */
 function usage (pid: number | undefined): { cpu: number, faults: number } | undefined {
   if (pid === undefined) return undefined
@@ -690,12 +689,12 @@ async function main (): Promise<void> {
     // per request here, against 0.04 when busy; the baseline and the gateways alike, the larger
     // heap more). Unmeasured load first, so that rounds compare busy processes, as in service.
     const measure = async (p: Replica, r: Running, duration: number, rate: number, settle = opts.settle): Promise<{ result: LoadResult, cpu?: number, faults?: number }> => {
+      const load = async (seconds: number, perSecond: number): Promise<LoadResult> =>
+        await bench.load({ ...base, url: p.url, headers: r.scenario.headers, duration: seconds, rate: perSecond, h2: r.scenario.protocol === 'h2' })
       park(p, true)
-      if (p.process !== undefined && settle > 0) {
-        await bench.load({ ...base, url: p.url, headers: r.scenario.headers, duration: settle, rate: 0, h2: r.scenario.protocol === 'h2' })
-      }
+      if (p.process !== undefined && settle > 0) await load(settle, 0)
       const before = usage(p.process?.pid)
-      const result = await bench.load({ ...base, url: p.url, headers: r.scenario.headers, duration, rate, h2: r.scenario.protocol === 'h2' })
+      const result = await load(duration, rate)
       const after = usage(p.process?.pid)
       park(p, false)
       if (before === undefined || after === undefined || result.requests === 0) return { result }
