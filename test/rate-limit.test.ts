@@ -55,6 +55,25 @@ test('GCRA store: memory stays bounded under many keys', () => {
   assert.ok(store.size <= 100)
 })
 
+test('GCRA store: past maxKeys, expired keys go first, then the first inserted, however recently counted', () => {
+  let clock = 0
+  const store = new MemoryRateLimitStore({ maxKeys: 3, now: () => clock })
+  // Two requests a minute per key.
+  const spend = (key: string): boolean => store.consumeSync(key, 2, 60_000).allowed
+  assert.equal(spend('old'), true)
+  assert.equal(spend('busy'), true)
+  assert.equal(store.consumeSync('brief', 1, 1000).allowed, true)
+  clock += 2000
+  assert.equal(spend('old'), true, "old's second request: counted in place, not moved behind busy")
+  assert.equal(spend('new'), true)
+  assert.equal(store.size, 3, 'the expired key made room')
+  // Every key live: the first inserted ('old', though counted after 'busy') makes room.
+  assert.equal(spend('newer'), true)
+  assert.equal(spend('busy'), true, 'busy kept its state: this is its second request')
+  assert.equal(spend('busy'), false)
+  assert.equal(spend('old'), true, 'old lost its state: a fresh quota')
+})
+
 test('rate limit by IP: 429 problem+json with Retry-After and RateLimit headers; a spoofed X-Forwarded-For does not change the key', async (t) => {
   const up = await startUpstream(t)
   const gw = await startGateway(t, {
