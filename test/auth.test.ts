@@ -3,7 +3,7 @@ import assert from 'node:assert/strict'
 import { writeFileSync, mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { request } from 'undici'
+import { Client, request } from 'undici'
 import { rawRequest, startGateway, startUpstream } from './helper.js'
 import { hsToken, noneToken, now, rsToken, rsaPair } from './auth-tokens.js'
 import { registry } from '../src/metrics.js'
@@ -233,11 +233,44 @@ test('verified tokens are remembered only until they expire: a token accepted on
   assert.equal(up.received.length, 2)
 })
 
+test('one keep-alive connection: each request is checked against its own route, and a changed header is verified anew', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, {
+    config: { jwt: { secret: SECRET, issuer: 'https://idp.test' } },
+    routes: {
+      orders: { match: { prefix: '/orders' }, upstream: { targets: [{ url: up.url }] }, auth: { jwt: { audience: 'orders' } } },
+      admin: { match: { prefix: '/admin' }, upstream: { targets: [{ url: up.url }] }, auth: { jwt: { audience: 'orders', requireClaims: { scope: 'admin' } } } },
+      billing: { match: { prefix: '/billing' }, upstream: { targets: [{ url: up.url }] }, auth: { jwt: { audience: 'billing' } } }
+    }
+  })
+  const client = new Client(gw.url, { pipelining: 1 })
+  t.after(async () => await client.close())
+  let connections = 0
+  client.on('connect', () => { connections++ })
+  const token = hsToken(SECRET, { sub: 'alice', iss: 'https://idp.test', aud: 'orders', exp: now() + 600 })
+  const get = async (path: string, authorization: string): Promise<number> => {
+    const res = await client.request({ method: 'GET', path, headers: { authorization } })
+    await res.body.dump()
+    return res.statusCode
+  }
+  assert.equal(await get('/orders/1', `Bearer ${token}`), 200)
+  assert.equal(await get('/orders/2', `Bearer ${token}`), 200)
+  // Same connection, same header: another route's audience and required claims still apply.
+  assert.equal(await get('/billing/1', `Bearer ${token}`), 401)
+  assert.equal(await get('/admin/1', `Bearer ${token}`), 403)
+  assert.equal(await get('/orders/3', `Bearer ${token}`), 200)
+  // A tampered token right after an admitted one, on the same connection.
+  assert.equal(await get('/orders/4', `Bearer ${token.slice(0, -2)}${token.endsWith('AA') ? 'BB' : 'AA'}`), 401)
+  assert.equal(await get('/orders/5', 'Bearer'), 401)
+  assert.equal(connections, 1)
+  assert.deepEqual(up.received.map((r) => r.url), ['/1', '/2', '/3'])
+})
+
 test('the verified-token memory is bounded and honours exp plus the clock skew', () => {
   const tokens = new VerifiedTokens(5_000, 3, 60_000)
   const t0 = 1_700_000_000_000
   tokens.set('a', { exp: t0 / 1000 + 10 }, t0)
-  assert.deepEqual(tokens.get('a', t0 + 14_000), { exp: t0 / 1000 + 10 })
+  assert.deepEqual(tokens.get('a', t0 + 14_000)?.claims, { exp: t0 / 1000 + 10 })
   assert.equal(tokens.get('a', t0 + 15_001), undefined)
   tokens.set('gone', { exp: t0 / 1000 - 10 }, t0)
   assert.equal(tokens.get('gone', t0), undefined)
