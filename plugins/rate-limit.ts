@@ -152,18 +152,22 @@ const rateLimit: FastifyPluginAsync = async function rateLimit (fastify) {
     }, done)
   }
 
-  if (global === undefined && [...limiters.values()].every((l) => l === undefined)) return
-
-  fastify.addHook('onRequest', function limitByAddress (request, reply, done) {
-    const limiter = limiterOf(routeConfig(request).gatehouse)
-    if (limiter === undefined || limiter.afterAuth) return done()
-    enforce(limiter, request, reply, done)
-  })
-  fastify.addHook('preHandler', function limitByConsumer (request, reply, done) {
-    const limiter = limiterOf(routeConfig(request).gatehouse)
-    if (limiter === undefined || !limiter.afterAuth) return done()
-    enforce(limiter, request, reply, done)
-  })
+  // Each hook only where some limit needs it: a request pays for no stage that has nothing to do.
+  const all = [global, ...limiters.values()].filter((l) => l !== undefined)
+  if (all.some((l) => !l.afterAuth)) {
+    fastify.addHook('onRequest', function limitByAddress (request, reply, done) {
+      const limiter = limiterOf(routeConfig(request).gatehouse)
+      if (limiter === undefined || limiter.afterAuth) return done()
+      enforce(limiter, request, reply, done)
+    })
+  }
+  if (all.some((l) => l.afterAuth)) {
+    fastify.addHook('preHandler', function limitByConsumer (request, reply, done) {
+      const limiter = limiterOf(routeConfig(request).gatehouse)
+      if (limiter === undefined || !limiter.afterAuth) return done()
+      enforce(limiter, request, reply, done)
+    })
+  }
 }
 
 export default fp(rateLimit, { name: 'rate-limit', fastify: '5.x', dependencies: ['problem'] })
