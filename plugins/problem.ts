@@ -38,6 +38,17 @@ export function toGatewayError (err: FastifyError | Error): { code: string, deta
   return { code: 'GATEHOUSE_INTERNAL', detail: 'The gateway failed to handle the request', meta: errors.errorMeta('GATEHOUSE_INTERNAL') as errors.ErrorMeta }
 }
 
+/** Statuses after which nginx does not keep a connection alive (ngx_http_special_response_handler). */
+const CLOSE_AFTER = new Set([400, 413, 414, 431, 500, 501])
+
+/** Whether the request declared a body that has not been read to its end. */
+function bodyPending (request: FastifyRequest): boolean {
+  if (request.raw.complete) return false
+  const headers = request.headers
+  const length = headers['content-length']
+  return headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')
+}
+
 export function sendProblem (request: FastifyRequest, reply: FastifyReply, err: FastifyError | Error): void {
   const { code, detail, meta } = toGatewayError(err)
   if (request.upstream !== undefined && request.upstream.error === undefined) request.upstream.error = code
@@ -48,10 +59,13 @@ export function sendProblem (request: FastifyRequest, reply: FastifyReply, err: 
   // A gateway error replaces whatever an upstream had started to say.
   reply.removeHeader('content-length')
   reply.removeHeader('content-encoding')
-  // A refusal before the body was read (413, or any error mid-upload): close the connection rather
-  // than keep it alive, or Node would read and discard the rest of an unbounded body.
-  // (HTTP/1 only: HTTP/2 forbids the header, and resets the stream instead.)
-  if (!request.raw.complete && request.raw.httpVersionMajor === 1) reply.header('connection', 'close')
+  // Close the connection after a refusal before a body was read (413, or any error mid-upload),
+  // or Node would read and discard the rest of an unbounded body; and, as nginx does, after a
+  // malformed or oversized request or a failure of the gateway's own. Any other refusal (401, 403,
+  // 404, 429, 502...) keeps it: a client refused by a rate limit that had to reconnect for each
+  // request would cost the gateway a handshake per refusal. (HTTP/1 only: HTTP/2 forbids the
+  // header, and resets the stream instead.)
+  if (request.raw.httpVersionMajor === 1 && (CLOSE_AFTER.has(meta.status) || bodyPending(request))) reply.header('connection', 'close')
   const body: Problem = { type: errors.problemType(code), title: meta.title, status: meta.status, detail, code, requestId: request.id }
   reply.send(JSON.stringify(body))
 }

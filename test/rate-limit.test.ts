@@ -1,7 +1,7 @@
 import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { request } from 'undici'
-import { startGateway, startUpstream } from './helper.js'
+import { Client, request } from 'undici'
+import { rawRequest, startGateway, startUpstream } from './helper.js'
 import { hsToken, now } from './auth-tokens.js'
 import { MemoryRateLimitStore } from '../src/stores/rate-limit.js'
 import { registry } from '../src/metrics.js'
@@ -96,6 +96,31 @@ test('rate limit by IP: 429 problem+json with Retry-After and RateLimit headers;
   assert.match(String(limited.headers.ratelimit), /^"svc";r=0;t=\d+$/)
   assert.equal(up.received.length, 3)
   assert.equal(await rateLimited('svc'), before + 1)
+})
+
+test('a client refused by a rate limit keeps its connection; a malformed request still closes it', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, {
+    routes: { svc: { match: { prefix: '/svc' }, upstream: { targets: [{ url: up.url }] }, rateLimit: { max: 2, window: '1m', key: 'ip' } } }
+  })
+  const client = new Client(gw.url, { pipelining: 1 })
+  t.after(async () => await client.close())
+  let connections = 0
+  client.on('connect', () => { connections++ })
+  const statuses: number[] = []
+  for (let i = 0; i < 6; i++) {
+    const res = await client.request({ method: 'GET', path: '/svc/a' })
+    await res.body.dump()
+    statuses.push(res.statusCode)
+    if (res.statusCode === 429) assert.notEqual(res.headers.connection, 'close')
+  }
+  assert.deepEqual(statuses, [200, 200, 429, 429, 429, 429])
+  // Refusing a flood costs no new handshake per request.
+  assert.equal(connections, 1)
+  // Two Host headers: nginx's rule, a bad request does not keep its connection.
+  const bad = await rawRequest(gw.port, 'GET /svc/a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n')
+  assert.match(bad, /^HTTP\/1\.1 400 /)
+  assert.match(bad, /\r\nconnection: close\r\n/i)
 })
 
 test('rate limit behind a trusted proxy: X-Forwarded-For from the proxy picks the client key', async (t) => {
