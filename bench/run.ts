@@ -267,7 +267,11 @@ async function freePort (): Promise<number> {
 async function waitForPort (port: number, child: ChildProcess, stderr: () => string, timeoutMs = 20_000): Promise<void> {
   const deadline = Date.now() + timeoutMs
   while (Date.now() < deadline) {
-    if (child.exitCode !== null) throw new Error(`exited with ${child.exitCode}: ${stderr().slice(-500)}`)
+    if (child.exitCode !== null) {
+      // 'exit' can come before the last of stderr: read it to its end, for the whole message.
+      if (child.stderr !== null && !child.stderr.readableEnded) await Promise.race([once(child.stderr, 'end'), new Promise((resolve) => setTimeout(resolve, 1000))])
+      throw new Error(`exited with ${child.exitCode}: ${stderr().slice(-500)}`)
+    }
     const ok = await new Promise<boolean>((resolve) => {
       const s = net.connect(port, '127.0.0.1')
       s.once('connect', () => { s.destroy(); resolve(true) })
