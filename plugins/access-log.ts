@@ -240,6 +240,10 @@ export function lineWriter (logger: FastifyBaseLogger): LineWriter | undefined {
  */
 const accessLog: FastifyPluginAsync<AccessLogOptions> = async function accessLog (fastify, opts) {
   if (!opts.enabled) return
+  // The reply's own fields, there from its constructor (one shape for every reply).
+  fastify.decorateReply(kIp, undefined)
+  fastify.decorateReply(kBytesOut, undefined)
+  fastify.decorateReply(kLogged, false)
   const extra = opts.apiKeyHeader !== undefined ? new RegExp(`^${opts.apiKeyHeader.replace(/[^A-Za-z0-9]/g, '.')}$`, 'i') : undefined
 
   /** The response's 'close': an HTTP/1 client that left mid-response gets no onResponse. */

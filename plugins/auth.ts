@@ -184,6 +184,8 @@ function tokenFailure (err: unknown): { reason: string, detail: string } {
  * (onRequest), before the consumer-keyed limits (preHandler) and before any body is read.
  */
 const auth: FastifyPluginAsync = async function auth (fastify) {
+  fastify.decorateRequest('claims', undefined)
+  fastify.decorateRequest('consumer', undefined)
   const { config, routes, state } = fastify.gatehouse
   const jwt = config.jwt
   const policies = new Map<string, Policy>()

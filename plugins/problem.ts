@@ -82,6 +82,7 @@ export function frameworkErrors (err: FastifyError, request: FastifyRequest, rep
 
 /** Every error the gateway answers is an RFC 9457 problem document with a stable code. */
 const problem: FastifyPluginAsync = async function problem (fastify) {
+  fastify.decorateRequest('problemCode', undefined)
   fastify.setErrorHandler(function gatewayErrorHandler (err, request, reply) {
     const error = err instanceof Error ? err : new Error(String(err))
     const { meta } = toGatewayError(error)

@@ -110,6 +110,9 @@ const gateway: FastifyPluginAsync<GatewayOptions> = async function gateway (fast
   const state = opts.state ?? new ProcessState()
   if (opts.state === undefined) fastify.addHook('onClose', async () => { await state.close() })
   fastify.decorate('gatehouse', { config, routes, state, upstreams: new Map() })
+  // Declared fields start on every request from its constructor: one object shape for all of
+  // them, where a field first set mid-request changed the shape and made its readers polymorphic.
+  fastify.decorateRequest('upstream', undefined)
   const trusted = compileTrust(config.trustProxy)
   // A proxy forwards any method Node's parser accepts (PURGE, PROPFIND, REPORT ...), not only
   // Fastify's nine; CONNECT is a tunnel, not a request to forward.
