@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs'
 import { createHash, createPublicKey, timingSafeEqual } from 'node:crypto'
 import fp from 'fastify-plugin'
 import jwtPlugin from '@fastify/jwt'
-import type { FastifyPluginAsync, FastifyReply, FastifyRequest, preParsingHookHandler } from 'fastify'
+import type { FastifyPluginAsync, FastifyReply, FastifyRequest, onRequestHookHandler } from 'fastify'
 import type { GatewayConfig, RouteDefinition } from '../src/config.js'
 import { GATEHOUSE_FORBIDDEN, GATEHOUSE_UNAUTHORIZED } from '../src/errors.js'
 import { metrics } from '../src/metrics.js'
@@ -180,8 +180,9 @@ function tokenFailure (err: unknown): { reason: string, detail: string } {
 /**
  * Authentication per route (`auth:` of the route file): JWT with @fastify/jwt (one namespace per
  * route, so each route's verifier with its audience and issuer is built once and cached), and API
- * keys compared in constant time. It runs in preParsing: after the IP filter and the IP rate limit
- * (onRequest), before the consumer-keyed limits (preHandler) and before any body is read.
+ * keys compared in constant time. It is a route's own onRequest hook, so it runs after every
+ * gateway-wide one (load shedding, the IP filter, the IP rate limit, a CORS preflight's answer),
+ * before the consumer-keyed limits and the cache (preHandler), and before any body is read.
  */
 const auth: FastifyPluginAsync = async function auth (fastify) {
   fastify.decorateRequest('claims', undefined)
@@ -366,13 +367,13 @@ const auth: FastifyPluginAsync = async function auth (fastify) {
     done()
   })
 
-  // Authentication is a hook of the routes that have a policy only: the others run no
-  // preParsing stage for it at all.
+  // Authentication is a hook of the routes that have a policy only. In onRequest, not preParsing:
+  // a route with no other preParsing hook then runs no such stage at all.
   fastify.addHook('onRoute', (options) => {
     const route = options.config?.gatehouse
     const policy = route !== undefined ? policies.get(route.name) : undefined
     if (route === undefined || policy === undefined) return
-    const authenticateRequest: preParsingHookHandler = function authenticateRequest (request, reply, payload, done) {
+    const authenticateRequest: onRequestHookHandler = function authenticateRequest (request, reply, done) {
       for (const h of policy.strip) delete request.headers[h]
       let pending: Promise<void> | undefined
       try {
@@ -380,11 +381,11 @@ const auth: FastifyPluginAsync = async function auth (fastify) {
       } catch (err) {
         return done(err as Error)
       }
-      if (pending === undefined) done(null, payload)
-      else pending.then(() => done(null, payload), (err: Error) => done(err))
+      if (pending === undefined) done()
+      else pending.then(() => done(), (err: Error) => done(err))
     }
-    const own = options.preParsing
-    options.preParsing = own === undefined ? [authenticateRequest] : [...(Array.isArray(own) ? own : [own]), authenticateRequest]
+    const own = options.onRequest
+    options.onRequest = own === undefined ? [authenticateRequest] : [...(Array.isArray(own) ? own : [own]), authenticateRequest]
   })
 }
 
