@@ -47,6 +47,14 @@ test('GCRA store: a burst of max, then one per window/max; no second burst acros
   assert.equal(store.consumeSync('other', 10, 1000).remaining, 9)
 })
 
+test('GCRA store: a very large limit still counts each request (the clock keeps sub-microsecond precision)', () => {
+  const store = new MemoryRateLimitStore()
+  // 1e9 a minute: one request is worth 60 ns of the window.
+  const r = store.consumeSync('k', 1_000_000_000, 60_000)
+  assert.equal(r.remaining, 999_999_999)
+  assert.ok(Math.abs(r.resetMs - 60_000 / 1_000_000_000) < 1e-9, `resetMs ${r.resetMs}`)
+})
+
 test('GCRA store: memory stays bounded under many keys', () => {
   let clock = 0
   const store = new MemoryRateLimitStore({ maxKeys: 100, now: () => clock })
