@@ -233,6 +233,41 @@ test('verified tokens are remembered only until they expire: a token accepted on
   assert.equal(up.received.length, 2)
 })
 
+test('checks run cheapest first: IP filter, IP rate limit, then auth (before any body is read), then consumer limits', async (t) => {
+  const up = await startUpstream(t)
+  const gw = await startGateway(t, {
+    config: { jwt: { secret: SECRET } },
+    routes: {
+      walled: { match: { prefix: '/walled' }, upstream: { targets: [{ url: up.url }] }, auth: { jwt: true }, ipFilter: { allow: ['10.0.0.0/8'] } },
+      byip: { match: { prefix: '/byip' }, upstream: { targets: [{ url: up.url }] }, auth: { jwt: true }, rateLimit: { max: 1, window: '1m', key: 'ip' } },
+      bysub: { match: { prefix: '/bysub' }, upstream: { targets: [{ url: up.url }] }, auth: { jwt: true }, rateLimit: { max: 1, window: '1m', key: 'jwt:sub' } }
+    }
+  })
+  const token = hsToken(SECRET, { sub: 'alice', exp: now() + 600 })
+  const send = async (path: string, opts: { token?: string, body?: string } = {}): Promise<{ status: number, code: string }> => {
+    const res = await request(`${gw.url}${path}`, {
+      method: opts.body !== undefined ? 'POST' : 'GET',
+      body: opts.body,
+      headers: opts.token !== undefined ? { authorization: `Bearer ${opts.token}` } : {}
+    })
+    const text = await res.body.text()
+    return { status: res.statusCode, code: text === '' ? '' : (JSON.parse(text) as { code: string }).code }
+  }
+  // The IP filter answers before auth: no token, yet 403, not 401.
+  assert.deepEqual(await send('/walled/x'), { status: 403, code: 'GATEHOUSE_IP_DENIED' })
+  // The IP limit counts before auth: a refused token still spends the address's quota...
+  assert.deepEqual(await send('/byip/x', { token: 'not-a-token' }), { status: 401, code: 'GATEHOUSE_UNAUTHORIZED' })
+  // ...so a good token then meets the limit, and auth is not asked.
+  assert.deepEqual(await send('/byip/x', { token }), { status: 429, code: 'GATEHOUSE_RATE_LIMITED' })
+  // Consumer limits come after auth: without a token it is 401 every time, never 429...
+  for (let i = 0; i < 3; i++) assert.deepEqual(await send('/bysub/x', { body: 'x'.repeat(64 * 1024) }), { status: 401, code: 'GATEHOUSE_UNAUTHORIZED' })
+  // ...and the authenticated caller has its own quota.
+  assert.equal((await send('/bysub/x', { token })).status, 200)
+  assert.deepEqual(await send('/bysub/x', { token }), { status: 429, code: 'GATEHOUSE_RATE_LIMITED' })
+  // Nothing refused reached the upstream, bodies included.
+  assert.deepEqual(up.received.map((r) => r.method), ['GET'])
+})
+
 test('one keep-alive connection: each request is checked against its own route, and a changed header is verified anew', async (t) => {
   const up = await startUpstream(t)
   const gw = await startGateway(t, {
