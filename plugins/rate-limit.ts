@@ -28,11 +28,6 @@ function storeAdapter (store: RateLimitStore): new (params: { scope?: string }) 
 
     incr (key: string, cb: Callback, timeWindow: number, max: number): void {
       const toResult = (r: RateLimitResult): StoreResult => r.allowed ? { current: max - r.remaining, ttl: r.resetMs } : { current: max + 1, ttl: r.retryAfterMs }
-      // The memory store answers at once: no promise on the hot path.
-      if (store instanceof MemoryRateLimitStore) {
-        cb(null, toResult(store.consumeSync(`${this.scope}:${key}`, max, timeWindow)))
-        return
-      }
       store.consume(`${this.scope}:${key}`, max, timeWindow).then((r) => cb(null, toResult(r)), (err: Error) => cb(err))
     }
 
@@ -45,13 +40,11 @@ function storeAdapter (store: RateLimitStore): new (params: { scope?: string }) 
 type Check = ReturnType<FastifyRequest['server']['createRateLimit']>
 
 interface Limiter {
+  /** @fastify/rate-limit's check (the Redis store); the memory store is asked directly. */
   check: Check
-  /** The store's key space of this limit, and its parameters, for the synchronous memory path. */
-  scope: string
+  /** The limit's parameters and its store key (`scope:key`), for the synchronous memory path. */
   max: number
   window: number
-  key: (request: FastifyRequest) => string
-  /** `scope:key`, as the memory store is asked. */
   storeKey: (request: FastifyRequest) => string
   /** Keyed by who the caller is (JWT claim, API key): checked after auth, in preHandler. */
   afterAuth: boolean
@@ -150,10 +143,8 @@ const rateLimit: FastifyPluginAsync = async function rateLimit (fastify) {
     const check = fastify.createRateLimit({ max: settings.max, timeWindow: settings.window, keyGenerator, scope } as never)
     return {
       check,
-      scope,
       max: settings.max,
       window: settings.window,
-      key: keyGenerator,
       storeKey: storeKeyFunction(scope, key),
       afterAuth: key === 'apikey' || key.startsWith('jwt:'),
       policy: `"${name}";q=${settings.max};w=${Math.max(1, Math.round(settings.window / 1000))}`,
